@@ -20,31 +20,26 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
-from pipeline import deliver, paths, steps
-from pipeline.config import AUTO_VARIANT, Backend, BuildConfig, PipelineConfig, QuantizationConfig, plain
+from pipeline import deliver, steps
+from pipeline.build import Build, Model, derive
+from pipeline.config import (
+    AUTO_VARIANT,
+    AutoSelectConfig,
+    Backend,
+    QuantizationConfig,
+    plain,
+)
 from pipeline.evaluate import load_reference
 from pipeline.io import read_bytes
+from pipeline.layout import AutoSelectPaths
 from pipeline.quantize import QuantizedModel, load_recipe, selective
-from pipeline.validate import Validation, report_dir, validate
+from pipeline.sources import served_signature
+from pipeline.validate import Validation, validate
 
 # Metrics of each attempt kept in the decision trail.
 TRAIL_METRICS = ("size_ratio", "accuracy", "accuracy_drop", "cosine", "snr_db", "latency_median_ms")
-
-
-def trail_json(model: str) -> Path:
-    return report_dir(model, AUTO_VARIANT) / "autoselect.json"
-
-
-def trail_markdown(model: str) -> Path:
-    return report_dir(model, AUTO_VARIANT) / "autoselect.md"
-
-
-def recipe_json(model: str) -> Path:
-    """The LiteRT Quantizer recipe of the pick (null for other backends): reusable as `recipe:`."""
-    return report_dir(model, AUTO_VARIANT) / "recipe.json"
 
 
 @dataclass(frozen=True)
@@ -84,85 +79,81 @@ class Selection:
     selected: Attempt | None
 
 
-def candidates_of(cfg: PipelineConfig, name: str) -> list[str]:
-    listed = cfg.autoselect[name].candidates
-    if listed:
-        return list(listed)
-    return [v for v, q in cfg.quantization.items() if q.backend in (Backend.litert_quantizer, Backend.none)]
+def candidates_of(auto: AutoSelectConfig, quantization: dict[str, QuantizationConfig]) -> list[str]:
+    if auto.candidates:
+        return list(auto.candidates)
+    return [v for v, q in quantization.items() if q.backend in (Backend.litert_quantizer, Backend.none)]
+
+
+BUDGET_GATES = ("max_accuracy_drop", "max_size_ratio", "max_latency_ms")
 
 
 class _Search:
     """Quantize, deliver and validate candidates of one model, always from the same inputs."""
 
-    def __init__(self, cfg: PipelineConfig, name: str, git_commit: str):
-        self.cfg, self.name, self.git_commit = cfg, name, git_commit
-        self.build = f"{name}-{AUTO_VARIANT}"
-        self.float_model = read_bytes(paths.float_model(name))
-        self.samples, self.reference = load_reference(paths.reference_outputs(name))
-        self.convert_info = json.loads(read_bytes(paths.convert_report(name)))
+    def __init__(self, model: Model, auto: AutoSelectConfig, *, git_commit: str, experiment: str):
+        self.model, self.git_commit, self.experiment = model, git_commit, experiment
+        self.float_model = read_bytes(model.paths.float_model)
+        self.samples, self.reference = load_reference(model.paths.reference)
+        self.convert_info = json.loads(read_bytes(model.paths.convert_report))
         self.feeders = selective.producers_of_inputs(self.float_model)
-        budget = cfg.autoselect[name]
-        self.budget_gates = {gate: getattr(budget, gate) for gate in ("max_accuracy_drop", "max_size_ratio",
-                                                                      "max_latency_ms")
-                             if getattr(budget, gate) is not None}
-        self.gates = self.config(QuantizationConfig()).gates(self.build)
+        # The budget overrides the model's gates, so the pick passes them too.
+        self.budget = {gate: getattr(auto, gate) for gate in BUDGET_GATES if getattr(auto, gate) is not None}
+        self.gates = self.build(QuantizationConfig()).gates
 
-    def config(self, variant: QuantizationConfig) -> PipelineConfig:
-        """The config with `variant` as the model's `auto` build, gated by the budget."""
-        return replace(
-            self.cfg,
-            quantization={**self.cfg.quantization, AUTO_VARIANT: variant},
-            build={**self.cfg.build, self.build: BuildConfig(self.name, AUTO_VARIANT, dict(self.budget_gates))},
-        )
+    def build(self, variant: QuantizationConfig) -> Build:
+        """The model's `auto` build with `variant`, gated by the budget."""
+        return derive(self.model, AUTO_VARIANT, variant, self.budget)
 
-    def _delivered(self, cfg: PipelineConfig, quantized: QuantizedModel) -> bytes:
-        record = deliver.provenance(cfg, self.build, convert_info=self.convert_info, quantize_info=quantized.info,
-                                    git_commit=self.git_commit)
-        return deliver.deliver(cfg, self.build, quantized.model, record)
+    def _delivered(self, build: Build, quantized: QuantizedModel) -> bytes:
+        record = deliver.provenance(build, convert_info=self.convert_info, quantize_info=quantized.info,
+                                    git_commit=self.git_commit, experiment=self.experiment)
+        return deliver.deliver(build, quantized.model, record)
 
-    def plain(self, variant_name: str) -> Candidate:
-        variant = self.cfg.quantization[variant_name]
-        cfg = self.config(variant)
-        quantized = steps.quantize_build(cfg, self.build, paths.float_model(self.name))
+    def plain(self, variant_name: str, variant: QuantizationConfig) -> Candidate:
+        build = self.build(variant)
+        quantized = steps.quantize_build(build)
         recipe = (load_recipe(variant.recipe or "", key=f"quantization.{variant_name}.recipe")
                   if variant.backend is Backend.litert_quantizer else None)
-        return Candidate(variant_name, variant_name, (), self._delivered(cfg, quantized), recipe)
+        return Candidate(variant_name, variant_name, (), self._delivered(build, quantized), recipe)
 
-    def keeping_float(self, base: str, tensors: list[str]) -> Candidate:
-        variant = self.cfg.quantization[base]
-        cfg = self.config(variant)
-        calibration = steps.reusable_calibration(cfg, self.build)
-        samples = steps.representative_samples(cfg, self.build) if calibration is None else None
+    def keeping_float(self, base: str, variant: QuantizationConfig, tensors: list[str]) -> Candidate:
+        build = self.build(variant)
+        calibration = steps.reusable_calibration(build)
+        samples = steps.representative_samples(build, self.float_model) if calibration is None else None
         quantized, recipe = selective.quantize_keeping_float(self.float_model, variant, tensors, samples=samples,
                                                              calibration=calibration, key=f"quantization.{base}")
         # Provenance names the recipe file the stage writes beside the pick.
-        cfg = self.config(replace(variant, recipe=str(recipe_json(self.name))))
-        return Candidate(f"{base}+{len(tensors)} float", base, tuple(tensors), self._delivered(cfg, quantized), recipe)
+        build = self.build(replace(variant, recipe=str(AutoSelectPaths.of(self.model.name).recipe)))
+        return Candidate(f"{base}+{len(tensors)} float", base, tuple(tensors), self._delivered(build, quantized), recipe)
 
     def attempt(self, candidate: Candidate) -> Attempt:
-        model = self.cfg.model[self.name]
+        config = self.model.config
         result = validate(
             candidate.model,
             float_model=self.float_model,
             samples=self.samples,
             reference=self.reference,
             gates=self.gates,
-            runtime=self.cfg.runtime[model.runtime],
-            allow_custom_ops=model.conversion.allow_custom_ops,
-            signature_key=model.source.signature_key,
-            name=self.name,
+            runtime=self.model.runtime,
+            allow_custom_ops=config.conversion.allow_custom_ops,
+            signature_key=served_signature(config.source),
+            name=self.model.name,
         )
-        context = {"build": self.build, "variant": AUTO_VARIANT, "selected_variant": candidate.name,
-                   "model_path": str(paths.delivered_model(self.name, AUTO_VARIANT))}
+        context = {"build": f"{self.model.name}-{AUTO_VARIANT}", "variant": AUTO_VARIANT,
+                   "selected_variant": candidate.name,
+                   "model_path": str(self.build(QuantizationConfig()).paths.delivered)}
         return Attempt(candidate, replace(result, report={**context, **result.report}))
 
 
-def select(cfg: PipelineConfig, name: str, *, git_commit: str) -> Selection:
-    """Search the model's candidates for the smallest within its budget (see the module doc)."""
-    auto = cfg.autoselect[name]
-    search = _Search(cfg, name, git_commit)
+def select(model: Model, auto: AutoSelectConfig, quantization: dict[str, QuantizationConfig], *, git_commit: str,
+           experiment: str) -> Selection:
+    """Search the model's candidates (variants of `quantization`) for the smallest within its
+    budget (see the module doc)."""
+    search = _Search(model, auto, git_commit=git_commit, experiment=experiment)
     # sorted() is stable: equal sizes keep the candidates' order.
-    ordered = sorted((search.plain(v) for v in candidates_of(cfg, name)), key=lambda c: len(c.model))
+    ordered = sorted((search.plain(v, quantization[v]) for v in candidates_of(auto, quantization)),
+                     key=lambda c: len(c.model))
     attempts: list[Attempt] = []
     best: Attempt | None = None
 
@@ -177,7 +168,8 @@ def select(cfg: PipelineConfig, name: str, *, git_commit: str) -> Selection:
         if latest.passed:
             best = latest
             continue
-        if not selective.is_selective_candidate(cfg.quantization[candidate.base], key=f"quantization.{candidate.base}"):
+        base = quantization[candidate.base]
+        if not selective.is_selective_candidate(base, key=f"quantization.{candidate.base}"):
             continue
         kept: list[str] = []
         for _ in range(auto.max_steps):
@@ -188,7 +180,7 @@ def select(cfg: PipelineConfig, name: str, *, git_commit: str) -> Selection:
                 break
             for tensor in worst:
                 kept += [t for t in [tensor, *search.feeders.get(tensor, [])] if t not in kept]
-            trial = search.keeping_float(candidate.base, kept)
+            trial = search.keeping_float(candidate.base, base, kept)
             if not worth_trying(trial):
                 break
             latest = search.attempt(trial)
@@ -198,7 +190,7 @@ def select(cfg: PipelineConfig, name: str, *, git_commit: str) -> Selection:
                 break
 
     report = {
-        "model": name,
+        "model": model.name,
         "budget": plain(auto),
         "gates": plain(search.gates),
         "candidates": [{"variant": c.name, "size_bytes": len(c.model)} for c in ordered],

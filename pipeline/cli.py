@@ -7,7 +7,8 @@ import json
 import sys
 
 from pipeline import __version__
-from pipeline.errors import EXIT_OK, exit_on_error, naming_file
+from pipeline.entry import exit_on_error
+from pipeline.errors import EXIT_OK, naming_file
 
 
 def cmd_compose(args: argparse.Namespace) -> int:
@@ -25,7 +26,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipeline import repro
 
     invocation = repro.start(args.overrides, args.conf, args.name, kind="repro")
-    code = repro.dvc("repro", *args.targets)
+    code = repro.reproduce(*args.targets)
     repro.finish(invocation, succeeded=code == 0)  # with the report stages' comparison of the variants
     return code
 

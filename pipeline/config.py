@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from pipeline.errors import ConfigError, InputError
+from pipeline.layout import AUTO_VARIANT, EXAMPLES
 
 PARAMS_FILE = "params.yaml"
 CONF_DIR = "conf"
@@ -66,6 +68,17 @@ class Distribution(Enum):
     normal = "normal"
 
 
+class TensorDtype(Enum):
+    """Element types of generated inputs (every input type a LiteRT model takes)."""
+
+    float32 = "float32"
+    int32 = "int32"
+    int64 = "int64"
+    int8 = "int8"
+    uint8 = "uint8"
+    bool = "bool"
+
+
 class TensorContent(Enum):
     feature = "feature"
     image = "image"
@@ -107,15 +120,30 @@ class SourceConfig:
 
 
 @dataclass
+class ConverterOptions:
+    """TFLiteConverter attributes, by their own names (an allow-list: other keys are unknown).
+    None keeps TensorFlow's default."""
+
+    # Keras LSTM/GRU/SimpleRNN without `unroll` need select TF ops unless this is true
+    # (then the batch size must be 1 at run time): measured with TensorFlow 2.21.
+    _experimental_default_to_single_batch_in_tensor_list_ops: Optional[bool] = None
+    _experimental_lower_tensor_list_ops: Optional[bool] = None
+    _experimental_enable_dynamic_update_slice: Optional[bool] = None
+    _experimental_unfold_large_splat_constant: Optional[bool] = None
+    experimental_enable_resource_variables: Optional[bool] = None
+    legalize_custom_tensor_list_ops: Optional[bool] = None
+    unfold_batchmatmul: Optional[bool] = None
+    # Conversion metadata embeds environment details that break byte-identical rebuilds.
+    exclude_conversion_metadata: bool = True
+
+
+@dataclass
 class ConversionConfig:
     ops: List[OpsSet] = field(default_factory=lambda: [OpsSet.builtins])
     allow_custom_ops: bool = False
     # Signature keys to convert; empty means the source's `signature_key`.
     signatures: List[str] = field(default_factory=list)
-    # Passed to TFLiteConverter attributes of the same name.
-    experimental_enable_resource_variables: bool = False
-    unfold_batchmatmul: bool = True
-    exclude_conversion_metadata: bool = True
+    converter_options: ConverterOptions = field(default_factory=ConverterOptions)
 
 
 @dataclass
@@ -125,6 +153,9 @@ class DataRef:
     dataset: str = "???"
     num_samples: int = 100
     seed: int = 0
+    # evaluation only: evaluate on the samples calibration may use too (same dataset or file).
+    # Refused by default: a model evaluated on its calibration data looks better than it is.
+    allow_overlap: bool = False
 
 
 @dataclass
@@ -180,27 +211,54 @@ class QuantizationConfig:
 
 @dataclass
 class DatasetConfig:
-    """Samples from files: an `.npz` file, or a folder of images (class sub-folders = labels)."""
+    """Samples from files: an `.npz` file, or a folder of images.
+
+    npz: `inputs` maps each model input (signature name) to an array of the file and `labels`
+    each labelled output to its labels (integers: classes; floats: regression targets). A
+    one-input model may use `inputs_key` (and `labels_key` for its only output) instead.
+    images: the files feed the model's only input; with `labels_key` set (any name, e.g.
+    `classes`), class sub-folders in sorted order label its only output.
+    """
 
     type: DatasetType = DatasetType.npz
     path: str = "???"
-    inputs_key: str = "x"
-    labels_key: Optional[str] = "y"
+    inputs: Dict[str, str] = field(default_factory=dict)
+    inputs_key: Optional[str] = None
+    labels: Dict[str, str] = field(default_factory=dict)
+    labels_key: Optional[str] = None
     # images: resize target (height, width) and value scaling.
     image_size: List[int] = field(default_factory=list)
     scale: float = 1.0 / 255.0
 
+    @property
+    def labelled(self) -> bool:
+        return bool(self.labels) or self.labels_key is not None
+
 
 @dataclass
-class GeneratorConfig:
-    """Seeded synthetic samples (no files, no downloads)."""
+class TensorGeneratorConfig:
+    """Seeded values of one input: floats from `distribution`; integers uniform in [low, high);
+    bools fair coin flips."""
 
     shape: List[int] = field(default_factory=list)
+    dtype: TensorDtype = TensorDtype.float32
     distribution: Distribution = Distribution.uniform
     low: float = 0.0
     high: float = 1.0
+
+
+@dataclass
+class GeneratorConfig(TensorGeneratorConfig):
+    """Seeded synthetic samples (no files, no downloads), never labelled. The fields above
+    describe a one-input model's input; `inputs` names each input of a model with several."""
+
+    inputs: Dict[str, TensorGeneratorConfig] = field(default_factory=dict)
     size: int = 100
     seed: int = 0
+
+    @property
+    def labelled(self) -> bool:
+        return False
 
 
 @dataclass
@@ -226,6 +284,15 @@ class ValidationConfig:
     # computed for the source and the model; the gate bounds its drop.
     task_metric: Optional[str] = None
     max_task_metric_drop: Optional[float] = None
+    # Whether the task metric reads labels (then the evaluation dataset must have them).
+    task_metric_uses_labels: bool = True
+    # Models with select TF ops cannot run on this host (no Flex delegate): their execution
+    # metrics are unverifiable. true delivers such a build, tagged unverified, never aliased.
+    accept_unverified: bool = False
+
+    @property
+    def needs_labels(self) -> bool:
+        return self.max_accuracy_drop is not None or bool(self.task_metric and self.task_metric_uses_labels)
 
 
 @dataclass
@@ -234,9 +301,6 @@ class BuildConfig:
     variant: str = "???"
     validation: Dict[str, Any] = field(default_factory=dict)
 
-
-# The variant name of a model's auto-selected build (`models/<model>/auto.tflite`).
-AUTO_VARIANT = "auto"
 
 
 @dataclass
@@ -298,29 +362,25 @@ class PipelineConfig:
     # Bundled example models built by the `prepare` stage.
     examples: List[str] = field(default_factory=list)
 
-    def model_named(self, name: str) -> ModelConfig:
-        if name not in self.model:  # a stage run by hand with a mistyped name
-            known = ", ".join(sorted(self.model)) or "none"
-            raise ConfigError(f"unknown model '{name}' (known: {known})", file=PARAMS_FILE, key=f"model.{name}")
-        return self.model[name]
-
-    def model_of(self, build: str) -> tuple[str, ModelConfig]:
-        if build not in self.build:  # a stage run by hand with a mistyped name
-            known = ", ".join(sorted(self.build)) or "none"
-            raise ConfigError(f"unknown build '{build}' (known: {known})", file=PARAMS_FILE, key=f"build.{build}")
-        name = self.build[build].model
-        return name, self.model[name]
-
     def gates(self, build: str) -> ValidationConfig:
-        """The model's gate set with the build's overrides applied."""
-        from omegaconf import OmegaConf
+        """The build's gate set: its model's, with the build's overrides applied."""
+        entry = self.build[build]
+        base = self.validation[self.model[entry.model].validation]
+        return merge_gates(base, entry.validation, key=f"build.{build}.validation")
 
-        _, model = self.model_of(build)
-        merged = OmegaConf.merge(
-            OmegaConf.structured(self.validation[model.validation]),
-            self.build[build].validation,
-        )
-        return OmegaConf.to_object(merged)
+
+def merge_gates(base: ValidationConfig, overrides: Dict[str, Any], *, key: str, file: str = PARAMS_FILE) -> ValidationConfig:
+    """`base` with `overrides` (a build's `validation` entries) applied, type-checked."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if not overrides:
+        return base
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(base), overrides))
+    except OmegaConfBaseException as exc:
+        sub_key, message = _one_line_omegaconf_error(exc)
+        raise ConfigError(message, file=file, key=f"{key}.{sub_key}" if sub_key else key) from None
 
 
 def register_configs() -> None:
@@ -378,29 +438,87 @@ def _reject_instantiation_keys(node: Any, file: str, prefix: str = "") -> None:
             _reject_instantiation_keys(value, file, f"{prefix.rstrip('.')}[{index}].")
 
 
+# Validation metrics, and whether a larger value is better (nightly tolerances, registry tags).
+HIGHER_IS_BETTER: dict[str, bool] = {
+    "accuracy": True,
+    "cosine": True,
+    "snr_db": True,
+    "task_metric": True,  # the gate set's own metric (pipeline.task_metrics: higher is better)
+    "accuracy_drop": False,
+    "task_metric_drop": False,
+    "max_abs_error": False,
+    "size_bytes": False,
+    "size_ratio": False,
+    "latency_median_ms": False,
+    "latency_p90_ms": False,
+}
+
+# Names that reach file paths (models, variants, datasets, builds): no separators, no dots.
+NAME = re.compile(r"[A-Za-z0-9_]+")
+# Tensor names as LiteRT signatures spell them.
+TENSOR_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]*")
+INTEGER_RANGES = {TensorDtype.int32: (-2**31, 2**31 - 1), TensorDtype.int64: (-2**63, 2**63 - 1),
+                  TensorDtype.int8: (-128, 127), TensorDtype.uint8: (0, 255)}
+# Generated datasets live in memory: bound what a config can ask for (values across all inputs).
+MAX_GENERATED_VALUES = 1 << 27
+TRACKING_URI = re.compile(r"^(sqlite:///|https?://|file:|databricks|postgresql|mysql)")
+
+
+def check_tracking_uri(uri: str) -> None:
+    """The syntax of a tracking URI (MLflow is not contacted)."""
+    if uri and not TRACKING_URI.match(uri):
+        shown = re.sub(r"//[^/@]*@", "//***@", uri)
+        raise ConfigError(f"malformed tracking URI '{shown}'", key="tracking.uri")
+
+
+def data_files(data: DatasetConfig | GeneratorConfig) -> str | None:
+    """The file or folder a dataset reads (None for generators)."""
+    return None if isinstance(data, GeneratorConfig) else os.path.normpath(data.path)
+
+
 def _check_references(cfg: PipelineConfig, file: str) -> None:
     def need(group: dict, name: str, key: str, what: str) -> None:
         if name not in group:
             known = ", ".join(sorted(group)) or "none"
             raise ConfigError(f"unknown {what} '{name}' (known: {known})", file=file, key=key)
 
+    def named(group: dict, prefix: str, pattern: re.Pattern = NAME, what: str = "names use A-Z, a-z, 0-9 and _ only") -> None:
+        for name in group:
+            if not pattern.fullmatch(str(name)):
+                raise ConfigError(what, file=file, key=f"{prefix}.{name}")
+
+    for group_name in ("model", "quantization", "dataset", "generator", "runtime", "validation", "autoselect"):
+        named(getattr(cfg, group_name), group_name)
     data = {**cfg.dataset, **cfg.generator}
     for name in set(cfg.dataset) & set(cfg.generator):
         raise ConfigError("a dataset and a generator share this name", file=file, key=f"generator.{name}")
+    for name, dataset in cfg.dataset.items():
+        _check_dataset(dataset, f"dataset.{name}", file)
+    for name, generator in cfg.generator.items():
+        _check_generator(generator, f"generator.{name}", file)
     for name, model in cfg.model.items():
-        if not re.fullmatch(r"[a-z0-9_]+", name):
-            raise ConfigError("model names use a-z, 0-9 and _ only", file=file, key=f"model.{name}")
-        need(data, model.representative.dataset, f"model.{name}.representative.dataset", "dataset")
-        need(data, model.evaluation.dataset, f"model.{name}.evaluation.dataset", "dataset")
-        need(cfg.runtime, model.runtime, f"model.{name}.runtime", "runtime")
-        need(cfg.validation, model.validation, f"model.{name}.validation", "validation gate set")
+        key = f"model.{name}"
+        need(data, model.representative.dataset, f"{key}.representative.dataset", "dataset")
+        need(data, model.evaluation.dataset, f"{key}.evaluation.dataset", "dataset")
+        need(cfg.runtime, model.runtime, f"{key}.runtime", "runtime")
+        need(cfg.validation, model.validation, f"{key}.validation", "validation gate set")
+        for part in ("representative", "evaluation"):
+            ref = getattr(model, part)
+            _at_least(ref.num_samples, 1, file, f"{key}.{part}.num_samples")
+            _at_least(ref.seed, 0, file, f"{key}.{part}.seed")
         source = model.source
         if (source.format is SourceFormat.concrete_function) != bool(source.factory):
             raise ConfigError(
                 "a factory 'module:function' is required for format concrete_function, and only there",
                 file=file,
-                key=f"model.{name}.source.factory",
+                key=f"{key}.source.factory",
             )
+        _check_overlap(model, data, key, file)
+        evaluation = data[model.evaluation.dataset]
+        if cfg.validation[model.validation].needs_labels and not evaluation.labelled:
+            raise ConfigError(f"gate set '{model.validation}' needs labels (accuracy or a task metric), but "
+                              f"evaluation dataset '{model.evaluation.dataset}' has none: choose a gate set "
+                              "without them (e.g. default)", file=file, key=f"{key}.validation")
     for name, build in cfg.build.items():
         need(cfg.model, build.model, f"build.{name}.model", "model")
         need(cfg.quantization, build.variant, f"build.{name}.variant", "quantization variant")
@@ -413,6 +531,17 @@ def _check_references(cfg: PipelineConfig, file: str) -> None:
         unknown_gates = set(build.validation) - set(ValidationConfig.__dataclass_fields__)
         if unknown_gates:
             raise ConfigError(f"unknown gate {sorted(unknown_gates)[0]!r}", file=file, key=f"build.{name}.validation")
+        model = cfg.model[build.model]
+        gates = merge_gates(cfg.validation[model.validation], build.validation, key=f"build.{name}.validation",
+                            file=file)
+        _check_gates(gates, f"build.{name}.validation", file)
+        if gates.needs_labels and not data[model.evaluation.dataset].labelled:
+            raise ConfigError(f"these gates need labels, but evaluation dataset '{model.evaluation.dataset}' has "
+                              "none", file=file, key=f"build.{name}.validation")
+    for name, gates in cfg.validation.items():
+        _check_gates(gates, f"validation.{name}", file)
+    for name, runtime in cfg.runtime.items():
+        _within(runtime.num_threads, 1, 64, file, f"runtime.{name}.num_threads")
     for name, variant in cfg.quantization.items():
         key = f"quantization.{name}"
         if variant.backend is Backend.litert_quantizer:
@@ -425,11 +554,8 @@ def _check_references(cfg: PipelineConfig, file: str) -> None:
                 )
         if variant.backend is Backend.converter and variant.mode is None:
             raise ConfigError("the converter backend needs a mode", file=file, key=f"{key}.mode")
-        if variant.num_samples is not None and variant.num_samples < 1:
-            raise ConfigError("must be at least 1", file=file, key=f"{key}.num_samples")
-    for name, generator in cfg.generator.items():
-        if not generator.shape or generator.size < 1:
-            raise ConfigError("a generator needs a shape and a size >= 1", file=file, key=f"generator.{name}")
+        if variant.num_samples is not None:
+            _at_least(variant.num_samples, 1, file, f"{key}.num_samples")
     for name, auto in cfg.autoselect.items():
         key = f"autoselect.{name}"
         need(cfg.model, name, key, "model")
@@ -437,25 +563,114 @@ def _check_references(cfg: PipelineConfig, file: str) -> None:
             need(cfg.quantization, candidate, f"{key}.candidates[{index}]", "quantization variant")
         if auto.max_steps < 0 or auto.layers_per_step < 1:
             raise ConfigError("max_steps must be >= 0 and layers_per_step >= 1", file=file, key=key)
+        for gate in ("max_accuracy_drop", "max_size_ratio", "max_latency_ms"):
+            _finite(getattr(auto, gate), file, f"{key}.{gate}")
         if f"{name}-{AUTO_VARIANT}" in cfg.build:
             raise ConfigError(f"'{AUTO_VARIANT}' is the auto-selected variant: rename this build",
                               file=file, key=f"build.{name}-{AUTO_VARIANT}")
-    from pipeline.registry import HIGHER_IS_BETTER  # the registry owns the metrics' directions
-
     for metric, allowed in cfg.nightly.tolerance.items():
         if metric not in HIGHER_IS_BETTER:
             raise ConfigError(f"unknown metric (use {', '.join(HIGHER_IS_BETTER)})", file=file,
                               key=f"nightly.tolerance.{metric}")
-        if allowed < 0:
-            raise ConfigError("must be >= 0", file=file, key=f"nightly.tolerance.{metric}")
+        _finite(allowed, file, f"nightly.tolerance.{metric}")
+        _at_least(allowed, 0, file, f"nightly.tolerance.{metric}")
+    _within(cfg.tracking.http_retries, 0, 10, file, "tracking.http_retries")
+    _within(cfg.tracking.http_timeout_seconds, 1, 600, file, "tracking.http_timeout_seconds")
     if cfg.tracking.enabled:  # a malformed URI fails before any work, not when the first stage logs
-        from pipeline.tracking import tracking_uri  # checks the syntax only; MLflow is not contacted
-
+        env_uri = os.environ.get("MLFLOW_TRACKING_URI")
         try:
-            tracking_uri(cfg.tracking)
+            check_tracking_uri(env_uri or cfg.tracking.uri)
         except ConfigError as exc:
-            source = "$MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else file
-            raise ConfigError(exc.message, file=source, key=exc.key) from None
+            raise ConfigError(exc.message, file="$MLFLOW_TRACKING_URI" if env_uri else file, key=exc.key) from None
+
+
+def _check_dataset(dataset: DatasetConfig, key: str, file: str) -> None:
+    if dataset.type is DatasetType.npz:
+        if bool(dataset.inputs) == bool(dataset.inputs_key):
+            raise ConfigError("name the arrays: inputs_key (a one-input model) or inputs (input name -> array "
+                              "key), not both", file=file, key=f"{key}.inputs")
+        if dataset.labels and dataset.labels_key:
+            raise ConfigError("labels_key (the only output) or labels (output name -> array key), not both",
+                              file=file, key=f"{key}.labels")
+    elif dataset.inputs or dataset.labels or dataset.inputs_key:
+        raise ConfigError("an image folder feeds one input: inputs, labels and inputs_key are for npz datasets",
+                          file=file, key=f"{key}.inputs")
+    for part in ("inputs", "labels"):
+        for tensor in getattr(dataset, part):
+            if not TENSOR_NAME.fullmatch(tensor):
+                raise ConfigError("not a tensor name (A-Z, a-z, 0-9, _ . : -)", file=file, key=f"{key}.{part}.{tensor}")
+    if dataset.image_size and (len(dataset.image_size) != 2 or not all(1 <= d <= 8192 for d in dataset.image_size)):
+        raise ConfigError("[height, width], each 1 to 8192", file=file, key=f"{key}.image_size")
+    _finite(dataset.scale, file, f"{key}.scale")
+
+
+def _check_generator(generator: GeneratorConfig, key: str, file: str) -> None:
+    if bool(generator.shape) == bool(generator.inputs):
+        raise ConfigError("give a shape (a one-input model) or inputs (input name -> shape, dtype...), not both",
+                          file=file, key=key)
+    _within(generator.size, 1, 1_000_000, file, f"{key}.size")
+    _at_least(generator.seed, 0, file, f"{key}.seed")
+    tensors = generator.inputs.items() if generator.inputs else [("", generator)]
+    values = 0
+    for name, tensor in tensors:
+        where = f"{key}.inputs.{name}" if name else key
+        if name and not TENSOR_NAME.fullmatch(name):
+            raise ConfigError("not a tensor name (A-Z, a-z, 0-9, _ . : -)", file=file, key=where)
+        if not tensor.shape or not all(isinstance(d, int) and d >= 1 for d in tensor.shape):
+            raise ConfigError("a shape of positive sizes (without the batch dimension)", file=file, key=f"{where}.shape")
+        _finite(tensor.low, file, f"{where}.low")
+        _finite(tensor.high, file, f"{where}.high")
+        if tensor.high <= tensor.low and tensor.dtype is not TensorDtype.bool:
+            raise ConfigError("must be greater than low", file=file, key=f"{where}.high")
+        if tensor.dtype in INTEGER_RANGES:  # integers are drawn from [ceil(low), ceil(high))
+            smallest, largest = INTEGER_RANGES[tensor.dtype]
+            if math.ceil(tensor.high) <= math.ceil(tensor.low):
+                raise ConfigError("integer values need an integer in [low, high)", file=file, key=f"{where}.high")
+            if tensor.low < smallest or tensor.high > largest + 1:
+                raise ConfigError(f"{tensor.dtype.value} values lie in [{smallest}, {largest}]", file=file,
+                                  key=f"{where}.low" if tensor.low < smallest else f"{where}.high")
+        values += generator.size * math.prod(tensor.shape)
+    if values > MAX_GENERATED_VALUES:
+        raise ConfigError(f"would generate {values:,} values (the limit is {MAX_GENERATED_VALUES:,}): lower size "
+                          "or the shapes", file=file, key=f"{key}.size")
+
+
+def _check_overlap(model: ModelConfig, data: dict, key: str, file: str) -> None:
+    """Evaluation must not draw from calibration's samples unless the config says so."""
+    representative, evaluation = model.representative, model.evaluation
+    if evaluation.allow_overlap:
+        return
+    first, second = data[representative.dataset], data[evaluation.dataset]
+    same = representative.dataset == evaluation.dataset or (
+        data_files(first) is not None and data_files(first) == data_files(second)
+    ) or (isinstance(first, GeneratorConfig) and first == second)
+    if same:
+        raise ConfigError(f"evaluation would draw from the samples calibration uses ('{representative.dataset}' and "
+                          f"'{evaluation.dataset}' are the same data): use a separate evaluation dataset, or set "
+                          f"{key}.evaluation.allow_overlap: true", file=file, key=f"{key}.evaluation.dataset")
+
+
+def _check_gates(gates: ValidationConfig, key: str, file: str) -> None:
+    for name in ("max_accuracy_drop", "min_cosine", "min_snr_db", "max_size_ratio", "max_latency_ms",
+                 "max_task_metric_drop"):
+        _finite(getattr(gates, name), file, f"{key}.{name}")
+    _within(gates.latency_runs, 1, 10_000, file, f"{key}.latency_runs")
+    _within(gates.warmup_runs, 0, 1_000, file, f"{key}.warmup_runs")
+
+
+def _finite(value: float | None, file: str, key: str) -> None:
+    if value is not None and not math.isfinite(value):
+        raise ConfigError(f"must be a finite number, not {value}", file=file, key=key)
+
+
+def _at_least(value: float, low: float, file: str, key: str) -> None:
+    if value < low:
+        raise ConfigError(f"must be at least {low}, not {value}", file=file, key=key)
+
+
+def _within(value: float, low: float, high: float, file: str, key: str) -> None:
+    if not low <= value <= high:
+        raise ConfigError(f"must be between {low} and {high}, not {value}", file=file, key=key)
 
 
 def load(path: str | Path = PARAMS_FILE, *, require_sources: bool = False) -> PipelineConfig:
@@ -481,6 +696,18 @@ def load(path: str | Path = PARAMS_FILE, *, require_sources: bool = False) -> Pi
     return cfg
 
 
+def check_inputs_exist(cfg: PipelineConfig, conf_dir: str | Path = CONF_DIR) -> None:
+    """Every source and dataset file the config names exists, or a bundled example will make it:
+    checked before `dvc repro`, which would otherwise refuse the stage with a missing dependency."""
+    made = [Path(EXAMPLES.name, name) for name in cfg.examples]
+    named = [(model.source.path, f"model.{name}.source.path") for name, model in cfg.model.items()]
+    named += [(dataset.path, f"dataset.{name}.path") for name, dataset in cfg.dataset.items()]
+    for path, key in named:
+        if not Path(path).exists() and not any(folder in Path(path).parents for folder in made):
+            file = _conf_file_defining(Path(conf_dir).resolve(), key)
+            raise InputError(f"'{path}' does not exist", file=_relative(file) if file else PARAMS_FILE, key=key)
+
+
 def check_source_exists(model: ModelConfig, name: str, *, file: str = PARAMS_FILE) -> None:
     if not Path(model.source.path).exists():
         raise InputError(
@@ -492,9 +719,10 @@ def check_source_exists(model: ModelConfig, name: str, *, file: str = PARAMS_FIL
 
 
 def compose(overrides: list[str] | None = None, conf_dir: str | Path = CONF_DIR) -> str:
-    """Compose `conf/` exactly as DVC's Hydra integration does and return the YAML text.
+    """Compose `conf/` as DVC's Hydra integration does, validate it, and return the YAML text of
+    the typed config (every default spelled out, unused datasets and examples left out).
 
-    The result is validated; errors name the conf file that holds the offending key.
+    Errors name the conf file that holds the offending key.
     """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -512,11 +740,27 @@ def compose(overrides: list[str] | None = None, conf_dir: str | Path = CONF_DIR)
     except Exception as exc:  # yaml.YAMLError from a malformed group file
         raise ConfigError(f"malformed YAML: {' '.join(str(exc).split())}", file=str(conf_dir)) from None
     try:
-        validate(cfg, file="params.yaml")
+        typed = validate(cfg, file="params.yaml")
     except ConfigError as exc:
         exc.file = _conf_file_defining(conf_path, exc.key) or str(Path(conf_dir) / f"{CONFIG_NAME}.yaml")
         raise ConfigError(exc.message, file=_relative(exc.file), key=exc.key) from None
-    return OmegaConf.to_yaml(cfg)
+    # Every schema field is written out, defaults included: DVC's params dependencies need each
+    # key a stage lists to exist, even when a team's conf file leaves the section out.
+    return OmegaConf.to_yaml(OmegaConf.create(used_only(plain(typed))))
+
+
+def used_only(params: dict[str, Any]) -> dict[str, Any]:
+    """The composed params without the datasets, generators and bundled examples no selected
+    model uses, so `run 'model=[x]'` prepares and materializes only what x needs."""
+    models = (params.get("model") or {}).values()
+    used = {model["representative"]["dataset"] for model in models} | {model["evaluation"]["dataset"] for model in models}
+    kept = {group: {name: entry for name, entry in (params.get(group) or {}).items() if name in used}
+            for group in ("dataset", "generator")}
+    paths = [Path(model["source"]["path"]) for model in models]
+    paths += [Path(entry["path"]) for entry in kept["dataset"].values()]
+    examples = [name for name in params.get("examples") or []
+                if any(path.parts[:2] == (EXAMPLES.name, name) for path in paths)]
+    return {**params, **kept, "examples": examples}
 
 
 def _relative(path: str) -> str:

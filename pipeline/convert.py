@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator
 
 from pipeline.config import PARAMS_FILE, ConversionConfig, ModelConfig, OpsSet
 from pipeline.errors import GateError
+from pipeline.evaluate import host_support
 from pipeline.sources import LoadedSource
 from pipeline.tflite_model import OpUse, op_uses
 
@@ -56,11 +57,14 @@ def configure(converter: Any, conversion: ConversionConfig) -> Any:
     }
     converter.target_spec.supported_ops = [ops[o] for o in conversion.ops]
     converter.allow_custom_ops = conversion.allow_custom_ops
-    converter.experimental_enable_resource_variables = conversion.experimental_enable_resource_variables
-    converter._experimental_unfold_batchmatmul = conversion.unfold_batchmatmul  # noqa: SLF001
-    # Conversion metadata embeds environment details that would break byte-identical rebuilds.
-    converter.exclude_conversion_metadata = conversion.exclude_conversion_metadata
+    for option, value in converter_options(conversion).items():
+        setattr(converter, option, value)
     return converter
+
+
+def converter_options(conversion: ConversionConfig) -> dict[str, bool]:
+    """The TFLiteConverter attributes the config sets (the schema allow-lists their names)."""
+    return {name: value for name, value in vars(conversion.converter_options).items() if value is not None}
 
 
 def converter_factory(source: LoadedSource, model: ModelConfig) -> Callable[[], Any]:
@@ -74,8 +78,10 @@ def disallowed_ops(uses: list[OpUse], model: ModelConfig, name: str) -> list[str
     select = sorted(u.name for u in uses if u.kind == "select_tf")
     custom = sorted(u.name for u in uses if u.kind == "custom")
     if select and OpsSet.select_tf_ops not in model.conversion.ops:
+        hints = host_support(uses)["builtin_paths"]
         problems.append(
             f"ops {', '.join(select)} need select TF ops: add select_tf_ops to model.{name}.conversion.ops"
+            + "".join(f" (or avoid them: {hint})" for hint in hints)
         )
     if custom and not model.conversion.allow_custom_ops:
         problems.append(f"custom ops {', '.join(custom)} need model.{name}.conversion.allow_custom_ops: true")
@@ -100,6 +106,7 @@ def convert_float(source: LoadedSource, model: ModelConfig, name: str) -> Conver
             "tensorflow_version": tf.__version__,
             "ops": [o.value for o in model.conversion.ops],
             "allow_custom_ops": model.conversion.allow_custom_ops,
+            "converter_options": converter_options(model.conversion),
             "seconds": round(time.perf_counter() - started, 3),
         },
     )

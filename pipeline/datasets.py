@@ -1,48 +1,89 @@
-"""Representative and evaluation data.
+"""Representative and evaluation data, as named tensors.
 
-A `data` stage materializes each dataset (an `.npz` file, a folder of images) or
-generator (seeded synthetic inputs) once into `artifacts/data/<name>.npz`, checked for
-emptiness, NaN/Inf and consistent labels. Model stages then draw a seeded subset of
-`num_samples` from it, so every model and variant sees exactly the same samples.
+A `data` stage materializes each dataset (an `.npz` file, a folder of images) or generator
+(seeded synthetic inputs) once into `artifacts/data/<name>.npz`, checked for emptiness,
+NaN/Inf and consistent sample counts. Model stages then draw a seeded subset of
+`num_samples` from it, so every model and variant sees exactly the same samples, and
+`bind` it to the model's signature: each input by name, dtype and shape checked.
+
+Samples are keyed by tensor name. A short-form config (`inputs_key`, a generator's `shape`)
+names no input: its array is stored under `ONLY` and feeds a model's only input.
 """
 
 from __future__ import annotations
 
 import hashlib
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Mapping
 
 import numpy as np
 
-from pipeline.config import DataRef, DatasetConfig, DatasetType, Distribution, GeneratorConfig
+from pipeline.config import (
+    DataRef,
+    DatasetConfig,
+    DatasetType,
+    Distribution,
+    GeneratorConfig,
+    TensorDtype,
+)
 from pipeline.errors import InputError
 from pipeline.io import save_npz
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 # What np.load raises for a missing, truncated, pickled or otherwise malformed .npz.
 NPZ_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
+# The tensor name of a short-form config's array: the model's only input (or output, for labels).
+ONLY = "*"
+INPUT, LABEL = "input:", "label:"
+# Images decode to this many pixels at most (a crafted PNG header can claim billions).
+MAX_IMAGE_PIXELS = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A model input or output as its signature declares it."""
+
+    name: str
+    shape: list  # None (or -1) for a dynamic dimension; the first is the batch
+    dtype: str
 
 
 @dataclass(frozen=True)
 class Samples:
-    """Model inputs (first axis = sample) with optional integer labels."""
+    """Model inputs by name (first axis = sample), with labels by output name.
 
-    inputs: np.ndarray
-    labels: Optional[np.ndarray]
+    Integer labels are class indices; float labels are regression targets.
+    """
+
+    inputs: dict[str, np.ndarray]
+    labels: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
-        return int(self.inputs.shape[0])
+        return int(next(iter(self.inputs.values())).shape[0]) if self.inputs else 0
 
     @property
     def sha256(self) -> str:
         """Hash of the exact arrays used, so provenance names the data, not a file."""
-        digest = hashlib.sha256(f"{self.inputs.shape}{self.inputs.dtype}".encode())
-        digest.update(np.ascontiguousarray(self.inputs).tobytes())
-        if self.labels is not None:
-            digest.update(np.ascontiguousarray(self.labels).tobytes())
+        digest = hashlib.sha256()
+        for prefix, arrays in ((INPUT, self.inputs), (LABEL, self.labels)):
+            for name in sorted(arrays):
+                array = np.ascontiguousarray(arrays[name])
+                digest.update(f"{prefix}{name}{array.shape}{array.dtype}".encode())
+                digest.update(array.tobytes())
         return digest.hexdigest()
+
+    def take(self, index: np.ndarray | slice) -> "Samples":
+        return Samples({k: v[index] for k, v in self.inputs.items()}, {k: v[index] for k, v in self.labels.items()})
+
+    def sample(self, index: int) -> dict[str, np.ndarray]:
+        """One sample as a batch of one, by input name."""
+        return {name: array[index:index + 1] for name, array in self.inputs.items()}
+
+    def batches(self, size: int) -> Iterable[dict[str, np.ndarray]]:
+        for start in range(0, len(self), size):
+            yield {name: array[start:start + size] for name, array in self.inputs.items()}
 
 
 # --- materialization (the `data` stage) ---------------------------------------------------
@@ -50,42 +91,62 @@ class Samples:
 
 def materialize(dataset: DatasetConfig | GeneratorConfig, *, key: str) -> Samples:
     if isinstance(dataset, GeneratorConfig):
-        samples = Samples(generate(dataset), None)
+        samples, file = generate(dataset), None
     elif dataset.type is DatasetType.npz:
-        samples = _read_npz(dataset, key)
+        samples, file = _read_npz(dataset, key), dataset.path
     else:
-        samples = _read_images(dataset, key)
-    file = getattr(dataset, "path", None)
-    if samples.inputs.ndim == 0:
-        raise InputError("inputs are a single value, not an array of samples", file=file, key=key)
-    if len(samples) == 0:
+        samples, file = _read_images(dataset, key), dataset.path
+    counts = {len(array) if array.ndim else 0 for array in [*samples.inputs.values(), *samples.labels.values()]}
+    for name, array in samples.inputs.items():
+        where = _array_key(dataset, key, name, INPUT)
+        if array.ndim == 0:
+            raise InputError("a single value, not an array of samples", file=file, key=where)
+        if array.dtype.kind not in "fiub":
+            raise InputError(f"unsupported dtype {array.dtype}", file=file, key=where)
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise InputError("contains NaN or Inf values", file=file, key=where)
+    for name, array in samples.labels.items():
+        where = _array_key(dataset, key, name, LABEL)
+        if array.ndim == 0 or array.dtype.kind not in "fiu":
+            raise InputError(f"labels must be an array of class indices or numbers, not {array.dtype} of shape "
+                             f"{array.shape}", file=file, key=where)
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise InputError("labels contain NaN or Inf values", file=file, key=where)
+    if 0 in counts:
         raise InputError("dataset is empty", file=file, key=key)
-    if samples.inputs.dtype.kind not in "fiu":
-        raise InputError(f"inputs have unsupported dtype {samples.inputs.dtype}", file=file, key=key)
-    if samples.inputs.dtype.kind == "f" and not np.isfinite(samples.inputs).all():
-        raise InputError("inputs contain NaN or Inf values", file=file, key=key)
-    if samples.labels is not None and (samples.labels.ndim != 1 or len(samples.labels) != len(samples)):
-        raise InputError(f"labels of shape {samples.labels.shape} for {len(samples)} inputs", file=file, key=key)
+    if len(counts) > 1:
+        sizes = ", ".join(f"{_array_key(dataset, key, n, role)[len(key) + 1:]}: {len(a)}"
+                          for role, arrays in ((INPUT, samples.inputs), (LABEL, samples.labels)) for n, a in arrays.items())
+        raise InputError(f"arrays differ in their number of samples ({sizes})", file=file, key=key)
     return samples
+
+
+def _array_key(dataset: DatasetConfig | GeneratorConfig, key: str, name: str, role: str) -> str:
+    """The config key that names one array of a dataset, for messages."""
+    if isinstance(dataset, GeneratorConfig):
+        return key if name == ONLY else f"{key}.inputs.{name}"
+    if role == INPUT:
+        return f"{key}.inputs_key" if name == ONLY else f"{key}.inputs.{name}"
+    return f"{key}.labels_key" if name == ONLY else f"{key}.labels.{name}"
 
 
 def _read_npz(dataset: DatasetConfig, key: str) -> Samples:
     if not Path(dataset.path).is_file():
         raise InputError("no such file", file=dataset.path, key=f"{key}.path")
+    inputs = dataset.inputs or {ONLY: dataset.inputs_key or ""}
+    labels = dataset.labels or ({ONLY: dataset.labels_key} if dataset.labels_key else {})
     try:
         with np.load(dataset.path, allow_pickle=False) as archive:
-            if dataset.inputs_key not in archive:
-                raise InputError(
-                    f"no array '{dataset.inputs_key}' (has: {', '.join(archive.files) or 'none'})",
-                    file=dataset.path,
-                    key=f"{key}.inputs_key",
-                )
-            inputs = archive[dataset.inputs_key]
-            has_labels = dataset.labels_key and dataset.labels_key in archive
-            labels = archive[dataset.labels_key].astype(np.int64) if has_labels else None
+            def array(name: str, array_key: str, role: str) -> np.ndarray:
+                if array_key not in archive.files:
+                    raise InputError(f"no array '{array_key}' (has: {', '.join(archive.files) or 'none'})",
+                                     file=dataset.path, key=_array_key(dataset, key, name, role))
+                return archive[array_key]
+
+            return Samples({name: array(name, k, INPUT) for name, k in inputs.items()},
+                           {name: array(name, k, LABEL) for name, k in labels.items()})
     except NPZ_ERRORS as exc:
         raise InputError(f"cannot read .npz: {' '.join(str(exc).split())}", file=dataset.path, key=key) from None
-    return Samples(inputs, labels)
 
 
 def _read_images(dataset: DatasetConfig, key: str) -> Samples:
@@ -94,44 +155,59 @@ def _read_images(dataset: DatasetConfig, key: str) -> Samples:
     root = Path(dataset.path)
     if not root.is_dir():
         raise InputError("image folder does not exist", file=str(root), key=f"{key}.path")
-    classes = sorted(p for p in root.iterdir() if p.is_dir())
+    classes = sorted(p for p in root.iterdir() if p.is_dir()) if dataset.labels_key else []
+    if dataset.labels_key and not classes:
+        raise InputError("labels_key is set but the folder has no class sub-folders", file=str(root),
+                         key=f"{key}.labels_key")
     files: list[tuple[Path, int]] = []
     for index, folder in enumerate(classes or [root]):
-        files += [(f, index) for f in sorted(folder.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+        files += [(f, index) for f in sorted(folder.iterdir()) if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
     arrays = []
     for file, _ in files:
         try:
             with Image.open(file) as image:
+                if image.width * image.height > MAX_IMAGE_PIXELS:
+                    raise InputError(f"{image.width}x{image.height} pixels is over the limit of {MAX_IMAGE_PIXELS:,}",
+                                     file=str(file), key=key)
                 image = image.convert("RGB")
                 if dataset.image_size:
                     height, width = dataset.image_size
                     image = image.resize((width, height), Image.BILINEAR)
                 arrays.append(np.asarray(image, dtype=np.float32) * dataset.scale)
-        except OSError as exc:
+        except (OSError, Image.DecompressionBombError) as exc:
             raise InputError(f"cannot read image: {exc}", file=str(file), key=key) from None
     if len({a.shape for a in arrays}) > 1:
         raise InputError("images differ in size: set image_size", file=str(root), key=f"{key}.image_size")
     inputs = np.stack(arrays) if arrays else np.zeros((0,), np.float32)
-    labels = np.array([label for _, label in files], np.int64) if classes else None
-    return Samples(inputs, labels)
+    labels = {ONLY: np.array([label for _, label in files], np.int64)} if classes else {}
+    return Samples({ONLY: inputs}, labels)
 
 
-def generate(generator: GeneratorConfig) -> np.ndarray:
+def generate(generator: GeneratorConfig) -> Samples:
+    """Seeded values for each input; inputs draw from one generator, in name order."""
     rng = np.random.default_rng(generator.seed)
-    shape = (generator.size, *generator.shape)
-    if generator.distribution is Distribution.uniform:
-        values = rng.uniform(generator.low, generator.high, size=shape)
-    else:
-        center, spread = (generator.low + generator.high) / 2, (generator.high - generator.low) / 4
-        values = rng.normal(center, spread, size=shape)
-    return values.astype(np.float32)
+    tensors = generator.inputs or {ONLY: generator}
+    inputs = {}
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        shape = (generator.size, *tensor.shape)
+        if tensor.dtype is TensorDtype.bool:
+            values = rng.integers(0, 2, size=shape).astype(bool)
+        elif tensor.dtype is not TensorDtype.float32:
+            values = rng.integers(int(np.ceil(tensor.low)), int(np.ceil(tensor.high)), size=shape)
+            values = values.astype(tensor.dtype.value)
+        elif tensor.distribution is Distribution.uniform:
+            values = rng.uniform(tensor.low, tensor.high, size=shape).astype(np.float32)
+        else:
+            center, spread = (tensor.low + tensor.high) / 2, (tensor.high - tensor.low) / 4
+            values = rng.normal(center, spread, size=shape).astype(np.float32)
+        inputs[name] = values
+    return Samples(inputs)
 
 
 def save(samples: Samples, handle) -> None:
-    arrays = {"inputs": samples.inputs}
-    if samples.labels is not None:
-        arrays["labels"] = samples.labels
-    save_npz(handle, arrays)
+    save_npz(handle, {**{INPUT + k: v for k, v in samples.inputs.items()},
+                      **{LABEL + k: v for k, v in samples.labels.items()}})
 
 
 # --- consumption (evaluate, quantize, validate) ------------------------------------------
@@ -140,21 +216,24 @@ def save(samples: Samples, handle) -> None:
 def read(path: str | Path, *, key: str) -> Samples:
     try:
         with np.load(path, allow_pickle=False) as archive:
-            return Samples(archive["inputs"], archive["labels"] if "labels" in archive else None)
+            inputs = {k[len(INPUT):]: archive[k] for k in archive.files if k.startswith(INPUT)}
+            labels = {k[len(LABEL):]: archive[k] for k in archive.files if k.startswith(LABEL)}
     except NPZ_ERRORS as exc:
         raise InputError(f"cannot read samples: {' '.join(str(exc).split())}", file=str(path), key=key) from None
+    if not inputs:
+        raise InputError("holds no input arrays: materialize it again", file=str(path), key=key)
+    return Samples(inputs, labels)
 
 
 def shuffled(samples: Samples, seed: int) -> Samples:
     """All samples in a seeded order: any prefix of it is a seeded random subset."""
-    order = np.random.default_rng(seed).permutation(len(samples))
-    return Samples(samples.inputs[order], None if samples.labels is None else samples.labels[order])
+    return samples.take(np.random.default_rng(seed).permutation(len(samples)))
 
 
 def first(samples: Samples, count: int, *, key: str, file: str | None = None) -> Samples:
     if len(samples) < count:
         raise InputError(f"has {len(samples)} samples, fewer than the {count} requested", file=file, key=key)
-    return Samples(samples.inputs[:count], None if samples.labels is None else samples.labels[:count])
+    return samples.take(slice(0, count))
 
 
 def draw(path: str | Path, ref: DataRef, *, key: str) -> Samples:
@@ -162,12 +241,61 @@ def draw(path: str | Path, ref: DataRef, *, key: str) -> Samples:
     return first(shuffled(read(path, key=key), ref.seed), ref.num_samples, key=f"{key}.num_samples", file=str(path))
 
 
-def check_matches_input(samples: Samples, shape: list, dtype: str, *, key: str, file: str | None = None) -> None:
-    """Fail early when samples cannot feed a model input of `shape` (None = any size)."""
-    sample_shape = tuple(samples.inputs.shape[1:])
-    expected = tuple(shape[1:])
+def bind(samples: Samples, inputs: list[TensorInfo], outputs: list[TensorInfo], *, key: str,
+         file: str | None = None) -> Samples:
+    """The samples keyed by the model's own input and output names, each input in the model's
+    dtype. Fails (naming `key`, the dataset's config key) when an input has no array, an array
+    feeds no input, or an array cannot feed its input (shape, dtype, integer range)."""
+    named_inputs = _by_name(samples.inputs, [t.name for t in inputs], role="input", key=f"{key}.inputs", file=file)
+    named_labels = _by_name(samples.labels, [t.name for t in outputs], role="output", key=f"{key}.labels", file=file,
+                            complete=False)
+    specs = {t.name: t for t in inputs}
+    short = ONLY in samples.inputs  # the config's inputs_key names the array
+    return Samples({name: conform(array, specs[name], key=f"{key}.inputs_key" if short else f"{key}.inputs.{name}",
+                                  file=file)
+                    for name, array in named_inputs.items()}, named_labels)
+
+
+def _by_name(arrays: Mapping[str, np.ndarray], names: list[str], *, role: str, key: str, file: str | None,
+             complete: bool = True) -> dict[str, np.ndarray]:
+    if ONLY in arrays:
+        if len(names) != 1:
+            raise InputError(f"the model has {len(names)} {role}s ({', '.join(names)}): name the array of each in "
+                             f"{key.rsplit('.', 1)[-1]} (<{role} name>: <array key>)", file=file, key=key)
+        return {names[0]: arrays[ONLY]}
+    unknown = sorted(set(arrays) - set(names))
+    if unknown:
+        raise InputError(f"the model has no {role} '{unknown[0]}' (its {role}s: {', '.join(names)})", file=file,
+                         key=f"{key}.{unknown[0]}")
+    missing = [name for name in names if name not in arrays]
+    if complete and missing:
+        raise InputError(f"no array for the model's {role} '{missing[0]}'", file=file, key=key)
+    return {name: arrays[name] for name in names if name in arrays}
+
+
+def conform(array: np.ndarray, spec: TensorInfo, *, key: str, file: str | None = None) -> np.ndarray:
+    """`array` (samples of one input) in the input's dtype, or an error saying why it cannot be.
+
+    Integer samples may feed float inputs (e.g. 8-bit pixels); float samples never feed
+    integer inputs (token ids are not rounded); integer values must fit the input's type.
+    """
+    sample_shape, expected = tuple(array.shape[1:]), tuple(spec.shape[1:])
     if len(sample_shape) != len(expected) or any(e not in (None, -1, s) for e, s in zip(expected, sample_shape)):
-        raise InputError(f"samples have shape {sample_shape}, the model input expects {expected}", file=file, key=key)
-    wanted = np.dtype(dtype)
-    if wanted.kind != samples.inputs.dtype.kind and not (wanted.kind == "f" and samples.inputs.dtype.kind in "iu"):
-        raise InputError(f"samples are {samples.inputs.dtype}, the model input is {dtype}", file=file, key=key)
+        raise InputError(f"samples of shape {sample_shape}, the model input '{spec.name}' expects {expected}",
+                         file=file, key=key)
+    wanted = np.dtype(spec.dtype)
+    have = array.dtype
+    if wanted.kind == "f":
+        if have.kind not in "fiu":
+            raise InputError(f"samples are {have}, the model input '{spec.name}' is {wanted}", file=file, key=key)
+        return array.astype(wanted, copy=False)
+    if have.kind not in "iub":
+        raise InputError(f"samples are {have}, the model input '{spec.name}' is {wanted}: integer and bool inputs "
+                         "take integer samples, never rounded floats", file=file, key=key)
+    if array.size:
+        low, high = (0, 1) if wanted.kind == "b" else (np.iinfo(wanted).min, np.iinfo(wanted).max)
+        smallest, largest = int(array.min()), int(array.max())
+        if smallest < low or largest > high:
+            raise InputError(f"values {smallest}..{largest} do not fit the model input '{spec.name}' ({wanted})",
+                             file=file, key=key)
+    return array.astype(wanted, copy=False)

@@ -81,17 +81,13 @@ def naming_file(file: str) -> Iterator[None]:
         raise
 
 
-def exit_on_error(main):
-    """Run a CLI entry point; print a PipelineError as one line and exit with its code."""
-    import functools
-    import sys
+# Most severe first: when several stages fail, `run` exits with the first of these it saw.
+# A bug outranks a full disk, which outranks a tracking outage, a config, an input, a gate.
+SEVERITY = (EXIT_INTERNAL, EXIT_OUTPUT, EXIT_TRACKING, EXIT_CONFIG, EXIT_INPUT, EXIT_GATE)
+# Set by `litert-pipeline run`/`nightly`: a folder where each failing stage records its exit code
+# and message, so the invocation exits with the stage's code rather than DVC's.
+OUTCOMES_ENV = "LITERT_OUTCOMES"
 
-    @functools.wraps(main)
-    def wrapper(*args, **kwargs):
-        try:
-            return main(*args, **kwargs)
-        except PipelineError as exc:
-            print(f"error: {exc.one_line()}", file=sys.stderr)
-            sys.exit(exc.exit_code)
 
-    return wrapper
+def most_severe(codes: list[int]) -> int:
+    return min(codes, key=lambda code: SEVERITY.index(code) if code in SEVERITY else len(SEVERITY))

@@ -2,8 +2,9 @@
 
 The report says what the model is (signatures, parameters, size), which ops its float
 `.tflite` uses under the conversion flags (conversion itself stops, naming the key, when
-the flags do not allow an op), and how the source itself scores on the evaluation set,
-which later stages must match.
+the flags do not allow an op), whether this host can run it (select TF ops need the Flex
+delegate, which no pip package here ships), and how the source itself scores on the
+evaluation set, which later stages must match.
 """
 
 from __future__ import annotations
@@ -14,15 +15,24 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline import paths
-from pipeline.config import ModelConfig
-from pipeline.datasets import NPZ_ERRORS, Samples, check_matches_input
+from pipeline.datasets import INPUT, LABEL, NPZ_ERRORS, Samples
 from pipeline.errors import InputError
 from pipeline.io import save_npz
 from pipeline.sources import LoadedSource
-from pipeline.tflite_model import op_uses
+from pipeline.tflite_model import OpUse
 
 BATCH_SIZE = 32
+OUTPUT = "output:"
+
+# Where a builtins-only conversion exists for what needs select TF ops, measured with
+# TensorFlow 2.21 and Keras 3 (tests/test_sources.py keeps the measurement honest):
+# Keras recurrent layers become a while loop over TensorList ops.
+BUILTIN_PATHS = {
+    "TensorList": "Keras LSTM/GRU/SimpleRNN layers: set unroll=True on the layer (needs a fixed sequence length; "
+                  "builtin ops at any batch size), or converter_options._experimental_default_to_single_batch_in_"
+                  "tensor_list_ops: true (a builtin WHILE loop, batch size 1 only); "
+                  "_experimental_lower_tensor_list_ops alone does not help",
+}
 
 
 @dataclass(frozen=True)
@@ -34,65 +44,90 @@ class Evaluation:
 
 def run_source(source: LoadedSource, samples: Samples, *, desc: str) -> dict[str, np.ndarray]:
     """Run the source model over all samples in batches; outputs keyed by signature name."""
-    (tensor,) = source.inputs  # one-input models; others need a dataset per input
-    inputs = samples.inputs.astype(tensor.dtype, copy=False)
     chunks: dict[str, list[np.ndarray]] = {}
-    for start in tqdm(range(0, len(inputs), BATCH_SIZE), desc=desc, unit="batch", leave=False):
-        for key, value in source.call({tensor.name: inputs[start:start + BATCH_SIZE]}).items():
+    total = -(-len(samples) // BATCH_SIZE)
+    for batch in tqdm(samples.batches(BATCH_SIZE), total=total, desc=desc, unit="batch", leave=False):
+        for key, value in source.call(batch).items():
             chunks.setdefault(key, []).append(value)
     return {key: np.concatenate(values) for key, values in chunks.items()}
+
+
+def class_labels(labels: np.ndarray) -> bool:
+    """Integer labels are class indices (accuracy applies); float labels are regression targets."""
+    return labels.dtype.kind in "iu"
 
 
 def top1_accuracy(outputs: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.argmax(outputs.reshape(len(labels), -1), axis=1) == labels))
 
 
-def evaluate(source: LoadedSource, model: ModelConfig, name: str, samples: Samples, float_tflite: bytes) -> Evaluation:
-    """Reference outputs of the source on `samples`, and the report; ops are read from the
-    float model the conversion flags produced (no second conversion)."""
-    (tensor,) = source.inputs
-    check_matches_input(samples, tensor.shape, tensor.dtype, key=f"model.{name}.evaluation.dataset",
-                        file=str(paths.samples(model.evaluation.dataset)))
-    uses = op_uses(float_tflite)
+def accuracies(outputs: dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> dict[str, float]:
+    """Top-1 accuracy of each output labelled with classes."""
+    return {name: top1_accuracy(outputs[name], values) for name, values in labels.items()
+            if class_labels(values) and name in outputs}
+
+
+def host_support(uses: list[OpUse]) -> dict:
+    """Which ops the host cannot execute, and how to avoid them where a way is known."""
+    flex = sorted(u.name for u in uses if u.kind == "select_tf")
+    hints = sorted({hint for op in flex for marker, hint in BUILTIN_PATHS.items() if marker in op})
+    return {
+        "select_tf_ops": flex,
+        "executable_on_host": not flex,
+        "reason": (f"select TF ops {', '.join(flex)} need the Flex delegate, which neither ai-edge-litert nor "
+                   "TensorFlow's pip wheel ships: the model cannot run on this host") if flex else None,
+        "builtin_paths": hints,
+    }
+
+
+def evaluate(source: LoadedSource, name: str, samples: Samples, uses: list[OpUse], *, source_path: str,
+             flags: dict) -> Evaluation:
+    """Reference outputs of the source on `samples` (already bound to its inputs), and the
+    report; `uses` are the ops of the float model the conversion flags produced."""
     outputs = run_source(source, samples, desc=f"evaluate {name}")
     metrics: dict[str, float] = {"num_samples": len(samples)}
-    if samples.labels is not None and len(outputs) == 1:
-        metrics["accuracy"] = top1_accuracy(next(iter(outputs.values())), samples.labels)
-    path = Path(model.source.path)
+    per_output = accuracies(outputs, samples.labels)
+    if len(per_output) == 1:
+        metrics["accuracy"] = next(iter(per_output.values()))
+    metrics.update({f"accuracy.{output}": value for output, value in per_output.items() if len(per_output) > 1})
+    path = Path(source_path)
     files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
     report = {
         "model": name,
-        "format": model.source.format.value,
+        "format": source.format.value,
         "conversion_path": source.conversion_path,
         "inputs": [vars(t) for t in source.inputs],
         "outputs": [vars(t) for t in source.outputs],
+        "labelled_outputs": sorted(samples.labels),
         "parameter_count": source.parameter_count,
         "source_size_bytes": sum(f.stat().st_size for f in files),
         "evaluation_sha256": samples.sha256,
-        "ops": {
-            "used": [vars(u) for u in uses],
-            "allowed": [o.value for o in model.conversion.ops],
-            "allow_custom_ops": model.conversion.allow_custom_ops,
-        },
+        "ops": {"used": [vars(u) for u in uses], **flags},
+        "host": host_support(uses),
         "metrics": metrics,
     }
     return Evaluation(report, samples, outputs)
 
 
 def save_reference(evaluation: Evaluation, handle) -> None:
-    """Evaluation inputs, labels and the source's outputs, for the validate stage."""
-    arrays = {f"output:{k}": v for k, v in evaluation.reference_outputs.items()}
-    arrays["inputs"] = evaluation.samples.inputs
-    if evaluation.samples.labels is not None:
-        arrays["labels"] = evaluation.samples.labels
-    save_npz(handle, arrays)
+    """Evaluation inputs and labels, and the source's outputs, by name, for the validate stage."""
+    samples = evaluation.samples
+    save_npz(handle, {**{INPUT + k: v for k, v in samples.inputs.items()},
+                      **{LABEL + k: v for k, v in samples.labels.items()},
+                      **{OUTPUT + k: v for k, v in evaluation.reference_outputs.items()}})
 
 
 def load_reference(path) -> tuple[Samples, dict[str, np.ndarray]]:
     try:
         with np.load(path, allow_pickle=False) as archive:
-            outputs = {k.split(":", 1)[1]: archive[k] for k in archive.files if k.startswith("output:")}
-            labels = archive["labels"] if "labels" in archive.files else None
-            return Samples(archive["inputs"], labels), outputs
+            arrays = {k: archive[k] for k in archive.files}
     except NPZ_ERRORS as exc:
         raise InputError(f"cannot read reference outputs: {' '.join(str(exc).split())}", file=str(path)) from None
+
+    def part(prefix: str) -> dict[str, np.ndarray]:
+        return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+
+    inputs, outputs = part(INPUT), part(OUTPUT)
+    if not inputs or not outputs:
+        raise InputError("holds no inputs or no outputs: run the convert stage again", file=str(path))
+    return Samples(inputs, part(LABEL)), outputs

@@ -25,10 +25,16 @@ EXAMPLES: tuple[str, ...] = (
     "digits_concrete",
     "digits_jax",
     "mobilenet_v2",
+    "text_classifier",
+    "digits_multitask",
+    "digits_lstm",
 )
 
 SEED = 0
 DIGITS_SHAPE = (8, 8, 1)
+# The text example: token ids (0 pads) and an attention mask, one topic per sequence.
+TEXT_VOCAB, TEXT_LENGTH, TEXT_TOPICS, TEXT_TOPIC_WORDS = 64, 16, 4, 8
+TEXT_SIZES = {"train": 1200, "calibration": 200, "evaluation": 400}
 DIGITS_CLASSES = 10
 EVAL_SIZE = 360
 CALIBRATION_SIZE = 256
@@ -91,7 +97,8 @@ def digits_concrete_functions(path: str, training: bool = False) -> list:
         outputs, _ = model.stateless_call(trainable, non_trainable, image, training=training)
         return outputs
 
-    return [serve.get_concrete_function()]
+    # The weights are constants: an empty module is all the converter needs to write a signature.
+    return [serve.get_concrete_function()], tf.Module()
 
 
 def _build_digits_data(out: Path) -> dict[str, Any]:
@@ -172,7 +179,7 @@ def _build_digits_concrete(out: Path) -> dict[str, Any]:
     path = out / "model.weights.h5"
     model.save_weights(path)
     # Measure through the factory, so the recorded accuracy is what it serves.
-    (function,) = digits_concrete_functions(str(path))
+    (function,), _ = digits_concrete_functions(str(path))
     data = digits_split()
     accuracy = _accuracy(function(tf.constant(data.x_eval)).numpy(), data.y_eval)
     description = _digits_description("concrete_function", "model.weights.h5", accuracy, measured_in="tf")
@@ -245,6 +252,118 @@ def _estimate_batchnorm_statistics(model: Any, inputs: np.ndarray) -> None:
             layer.moving_variance.assign(values.var(axis=(0, 1, 2)))
 
 
+def text_topics(count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Synthetic "documents": (token ids, attention mask, topic). Each has 4 to 16 tokens, about
+    a third of them words of its topic, one word of another topic, the rest neutral words."""
+    ids = np.zeros((count, TEXT_LENGTH), np.int32)
+    mask = np.zeros((count, TEXT_LENGTH), np.int32)
+    topics = rng.integers(0, TEXT_TOPICS, count)
+    first_word, neutral = 4, 4 + TEXT_TOPICS * TEXT_TOPIC_WORDS  # ids 1-3 are unused "special" tokens
+    for row in range(count):
+        length = int(rng.integers(4, TEXT_LENGTH + 1))
+        topical = first_word + topics[row] * TEXT_TOPIC_WORDS + rng.integers(0, TEXT_TOPIC_WORDS, length)
+        words = np.where(rng.random(length) < 0.35, topical, rng.integers(neutral, TEXT_VOCAB, length))
+        other = (topics[row] + rng.integers(1, TEXT_TOPICS)) % TEXT_TOPICS
+        words[rng.integers(0, length)] = first_word + other * TEXT_TOPIC_WORDS + rng.integers(0, TEXT_TOPIC_WORDS)
+        ids[row, :length], mask[row, :length] = words, 1
+    return ids, mask, topics.astype(np.int64)
+
+
+def _build_text_classifier(out: Path) -> dict[str, Any]:
+    """A one-block transformer-style topic classifier: two int32 inputs, a softmax output."""
+    import keras
+
+    _seed_everything()
+    rng = np.random.default_rng(SEED)
+    splits = {name: text_topics(size, rng) for name, size in TEXT_SIZES.items()}
+    for name in ("calibration", "evaluation"):
+        ids, mask, topics = splits[name]
+        np.savez(out / f"{name}.npz", ids=ids, mask=mask, topic=topics)
+
+    token_ids = keras.Input((TEXT_LENGTH,), dtype="int32", name="token_ids")
+    attention_mask = keras.Input((TEXT_LENGTH,), dtype="int32", name="attention_mask")
+    mask = keras.ops.cast(attention_mask, "float32")
+    x = keras.layers.Embedding(TEXT_VOCAB, 16)(token_ids)
+    query, key, value = (keras.layers.Dense(16)(x) for _ in range(3))
+    scores = keras.ops.matmul(query, keras.ops.transpose(key, (0, 2, 1))) / 4.0
+    # Padding gets a bias of -10 (not -1e9): int8 activations then keep a usable scale.
+    scores = scores + (mask[:, None, :] - 1.0) * 10.0
+    attended = keras.ops.matmul(keras.ops.softmax(scores, axis=-1), value)
+    x = keras.layers.LayerNormalization()(x + keras.layers.Dense(16)(attended))
+    x = x + keras.layers.Dense(16, activation="relu")(x)
+    pooled = keras.ops.sum(x * mask[:, :, None], axis=1) / keras.ops.maximum(keras.ops.sum(mask, axis=1)[:, None], 1.0)
+    topic = keras.layers.Dense(TEXT_TOPICS, activation="softmax", name="topic")(pooled)
+    model = keras.Model({"token_ids": token_ids, "attention_mask": attention_mask}, {"topic": topic})
+    model.compile(optimizer="adam", loss={"topic": "sparse_categorical_crossentropy"})
+    ids, mask_values, topics = splits["train"]
+    model.fit({"token_ids": ids, "attention_mask": mask_values}, {"topic": topics}, batch_size=32, epochs=15, verbose=0)
+    ids, mask_values, topics = splits["evaluation"]
+    predicted = model.predict({"token_ids": ids, "attention_mask": mask_values}, verbose=0)["topic"]
+    model.save(out / "model.keras")
+    return {"format": "keras", "model": "model.keras", "inputs": {"token_ids": [None, TEXT_LENGTH],
+                                                                   "attention_mask": [None, TEXT_LENGTH]},
+            "eval_accuracy": round(_accuracy(predicted, topics), 4), "accuracy_measured_in": "keras"}
+
+
+def multitask_arrays(data_images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The digits multitask example's extra input (each column's mean ink, 0 to 1) and its
+    regression target (the share of the image that is ink, in percent)."""
+    images = data_images[..., 0]
+    return images.mean(axis=1).astype(np.float32), (100 * images.mean(axis=(1, 2)))[:, None].astype(np.float32)
+
+
+def _build_digits_multitask(out: Path) -> dict[str, Any]:
+    """Two named inputs (image, column features), two heads (digit class, ink percentage)."""
+    import keras
+    from keras import layers
+
+    _seed_everything()
+    data = digits_split()
+    splits = {"train": (data.x_train[CALIBRATION_SIZE:], data.y_train[CALIBRATION_SIZE:]),
+              "calibration": (data.x_train[:CALIBRATION_SIZE], data.y_train[:CALIBRATION_SIZE]),
+              "evaluation": (data.x_eval, data.y_eval)}
+    arrays = {}
+    for name, (images, digits) in splits.items():
+        features, ink = multitask_arrays(images)
+        arrays[name] = {"image": images, "columns": features, "digit": digits, "ink": ink}
+        if name != "train":
+            np.savez(out / f"{name}.npz", **arrays[name])
+
+    image = _digits_input()
+    columns = keras.Input((DIGITS_SHAPE[1],), name="columns")
+    x = layers.Conv2D(8, 3, padding="same", activation="relu")(image)
+    x = layers.MaxPooling2D()(x)
+    x = layers.Concatenate()([layers.Flatten()(x), columns])
+    x = layers.Dense(32, activation="relu")(x)
+    digit = layers.Dense(DIGITS_CLASSES, activation="softmax", name="digit")(x)
+    ink = layers.Dense(1, name="ink")(x)
+    model = keras.Model([image, columns], [digit, ink])
+    model.compile(optimizer="adam", loss=["sparse_categorical_crossentropy", "mse"], loss_weights=[1.0, 0.01])
+    train = arrays["train"]
+    model.fit([train["image"], train["columns"]], [train["digit"], train["ink"]], batch_size=32, epochs=30, verbose=0)
+    evaluation = arrays["evaluation"]
+    predicted_digit, predicted_ink = model.predict([evaluation["image"], evaluation["columns"]], verbose=0)
+    model.save(out / "model.keras")
+    return {"format": "keras", "model": "model.keras", "eval_accuracy": round(_accuracy(predicted_digit, evaluation["digit"]), 4),
+            "eval_ink_mae": round(float(np.mean(np.abs(predicted_ink - evaluation["ink"]))), 5),
+            "accuracy_measured_in": "keras"}
+
+
+def _build_digits_lstm(out: Path) -> dict[str, Any]:
+    """An LSTM reading each digit image as 8 rows of 8 pixels. `unroll=True` gives builtin ops
+    only: without it, Keras 3 recurrent layers convert to select TF ops (TensorList) with TF 2.21."""
+    from keras import layers
+
+    _seed_everything()
+    inputs = _digits_input()
+    x = layers.Reshape(DIGITS_SHAPE[:2])(inputs)
+    x = layers.LSTM(32, unroll=True)(x)
+    model = _digits_model(inputs, x)
+    accuracy = _train(model, epochs=20)
+    model.save(out / "model.keras")
+    return _digits_description("keras", "model.keras", accuracy, measured_in="keras")
+
+
 _BUILDERS: dict[str, Callable[[Path], dict[str, Any]]] = {
     "digits_data": _build_digits_data,
     "digits_savedmodel": _build_digits_savedmodel,
@@ -253,6 +372,9 @@ _BUILDERS: dict[str, Callable[[Path], dict[str, Any]]] = {
     "digits_concrete": _build_digits_concrete,
     "digits_jax": _build_digits_jax,
     "mobilenet_v2": _build_mobilenet_v2,
+    "text_classifier": _build_text_classifier,
+    "digits_multitask": _build_digits_multitask,
+    "digits_lstm": _build_digits_lstm,
 }
 
 

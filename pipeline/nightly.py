@@ -17,11 +17,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pipeline import paths, registry, repro, tracking
+from pipeline import registry, repro, tracking
+from pipeline.build import Build, resolve_build
 from pipeline.config import PipelineConfig
-from pipeline.errors import EXIT_GATE, EXIT_INTERNAL, EXIT_OK, TrackingError
+from pipeline.errors import EXIT_GATE, EXIT_OK, TrackingError, most_severe
 from pipeline.io import write_json, write_text
-from pipeline.validate import validation_json
 
 EXIT_REGRESSION = 6  # a variant got worse than its production version beyond nightly.tolerance
 SUMMARY_METRICS = ("accuracy", "cosine", "size_ratio", "latency_median_ms")
@@ -32,7 +32,7 @@ class BuildResult:
     build: str
     model: str
     variant: str
-    status: str  # passed | failed | not_built | regressed
+    status: str  # passed | unverified | failed | not_built | regressed
     registered_model: str
     metrics: dict[str, Any] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
@@ -42,17 +42,15 @@ class BuildResult:
     note: str = ""
 
 
-def classify(cfg: PipelineConfig, build: str, stale: set[str], upstream: set[str]) -> BuildResult:
+def classify(build: Build, stale: set[str], upstream: set[str]) -> BuildResult:
     """A build's verdict from its validation report and the stages DVC left out of date.
 
     `upstream`: every stage its validate stage depends on. `dvc status` names a stage that
     failed, not the stages after it, so a failure anywhere upstream leaves a stale report.
     """
-    name, _ = cfg.model_of(build)
-    variant = cfg.build[build].variant
-    result = BuildResult(build, name, variant, "not_built", registry.registry_name(cfg, name))
+    result = BuildResult(build.name, build.model.name, build.variant_name, "not_built", build.model.registry_name)
     unfinished = sorted(stale & upstream)
-    report_file = validation_json(name, variant)
+    report_file = build.paths.validation_json
     if unfinished:
         result.note = f"did not build: {', '.join(unfinished)} not up to date after dvc repro"
         return result
@@ -63,29 +61,30 @@ def classify(cfg: PipelineConfig, build: str, stale: set[str], upstream: set[str
     result.metrics = report["metrics"]
     if not report["passed"]:
         result.status, result.failures = "failed", report["failures"]
-    elif f"validate@{build}" in stale:
-        result.note = f"did not build: validate@{build} did not finish (see the dvc repro output)"
+    elif f"validate@{build.name}" in stale:
+        result.note = f"did not build: validate@{build.name} did not finish (see the dvc repro output)"
+    elif report.get("verification", "verified") != "verified":
+        result.status, result.note = "unverified", "delivered unverified: it cannot run on this host (select TF ops)"
     else:
         result.status = "passed"
     return result
 
 
-def register(cfg: PipelineConfig, result: BuildResult) -> None:
+def register(cfg: PipelineConfig, build: Build, result: BuildResult) -> None:
     """Register a passing build; the validate stage did if it ran, and then this is a no-op."""
-    build = result.build
-    model_file = paths.delivered_model(result.model, result.variant)
-    registration = registry.registration(cfg, build, model_file, validation_json(result.model, result.variant))
+    model_file = build.paths.delivered
+    registration = registry.registration(build, model_file, build.paths.validation_json)
     if registration is None:
         result.note = f"not registered: {model_file} has no provenance"
         return
     tracking.log_stage(cfg.tracking, tracking.StageRecord(
-        model=result.model, variant=result.variant, stage="register", team=cfg.model[result.model].team,
-        config=tracking.build_config(cfg, build), registration=registration,
+        model=result.model, variant=result.variant, stage="register", team=build.team,
+        config=tracking.build_config(build), registration=registration,
         metrics={k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
     ))
 
 
-def compare_with_production(cfg: PipelineConfig, results: list[BuildResult]) -> None:
+def compare_with_production(cfg: PipelineConfig, builds: dict[str, Build], results: list[BuildResult]) -> None:
     """Find each passing build's version and its variant's production version; flag regressions."""
     passing = [r for r in results if r.status == "passed"]
     for name in sorted({r.registered_model for r in passing}):
@@ -100,7 +99,7 @@ def compare_with_production(cfg: PipelineConfig, results: list[BuildResult]) -> 
         by_sha = {v["tags"].get(registry.SHA256_TAG): v for v in versions}
         by_alias = {alias: v for v in versions for alias in v["aliases"]}
         for result in (r for r in passing if r.registered_model == name):
-            sha = json.loads(validation_json(result.model, result.variant).read_text())["model_sha256"]
+            sha = json.loads(builds[result.build].paths.validation_json.read_text())["model_sha256"]
             result.version = by_sha[sha]["version"] if sha in by_sha else None
             alias = registry.variant_alias(registry.PRODUCTION, result.variant)
             production = by_alias.get(alias)
@@ -116,10 +115,13 @@ def compare_with_production(cfg: PipelineConfig, results: list[BuildResult]) -> 
 
 
 def exit_code(results: list[BuildResult], repro_code: int) -> int:
+    """The failing stages' most severe code (`repro_code`, as `run` reports it), else 4 for a
+    failed gate, else 6 for a regression."""
+    codes = [repro_code] if repro_code != EXIT_OK else []
     if any(r.status in ("failed", "not_built") for r in results):
-        return EXIT_GATE
-    if repro_code != 0:
-        return EXIT_INTERNAL  # DVC failed outside every build: its output says where
+        codes.append(EXIT_GATE)
+    if codes:
+        return most_severe(codes)
     if any(r.status == "regressed" for r in results):
         return EXIT_REGRESSION
     return EXIT_OK
@@ -130,7 +132,7 @@ def to_markdown(summary: dict[str, Any]) -> str:
     lines = [
         f"# {summary['name']} {summary['started']}: {verdict}",
         "",
-        f"git `{summary['git_commit'][:12]}` · dvc repro exit {summary['dvc_repro_exit_code']} · "
+        f"git `{summary['git_commit'][:12]}` · stages exit {summary['stages_exit_code']} · "
         f"MLflow parent run `{summary['parent_run_id']}` at {summary['tracking_uri']}",
         "",
         "| build | status | version | production | " + " | ".join(SUMMARY_METRICS) + " | notes |",
@@ -157,15 +159,16 @@ def run_nightly(overrides: list[str], conf_dir: str, name: str) -> int:
     started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     invocation = repro.start(overrides, conf_dir, name, kind="nightly")
     cfg = invocation.cfg
-    repro_code = repro.dvc("repro", "--keep-going")  # every build gets a verdict, not just the first failure
+    repro_code = repro.reproduce()  # --keep-going: every build gets a verdict, not just the first failure
     stale, graph = repro.stale_stages(), repro.stage_graph()
-    results = [classify(cfg, build, stale, repro.ancestors(graph, f"validate@{build}")) for build in cfg.build]
+    builds = {name: resolve_build(cfg, name) for name in cfg.build}
+    results = [classify(build, stale, repro.ancestors(graph, f"validate@{name}")) for name, build in builds.items()]
     if cfg.tracking.enabled:
         for result in results:
-            if result.status == "passed":
-                register(cfg, result)
+            if result.status in ("passed", "unverified"):
+                register(cfg, builds[result.build], result)
         if invocation.parent:
-            compare_with_production(cfg, results)
+            compare_with_production(cfg, builds, results)
         else:  # tracking.required is false and MLflow was unreachable: registrations were queued
             for result in (r for r in results if r.status == "passed"):
                 result.note = "not compared: MLflow was unreachable (run `litert-pipeline sync` later)"
@@ -174,7 +177,7 @@ def run_nightly(overrides: list[str], conf_dir: str, name: str) -> int:
         "name": name,
         "started": started,
         "exit_code": code,
-        "dvc_repro_exit_code": repro_code,
+        "stages_exit_code": repro_code,
         "git_commit": tracking.git_commit(),
         "parent_run_id": invocation.parent,
         "tracking_uri": tracking.shown(tracking.tracking_uri(cfg.tracking)) if cfg.tracking.enabled else None,
@@ -185,7 +188,7 @@ def run_nightly(overrides: list[str], conf_dir: str, name: str) -> int:
     files = [write_json(Path(f"{cfg.nightly.summary}.json"), summary),
              write_text(Path(f"{cfg.nightly.summary}.md"), markdown)]
     counts = {f"builds_{status}": sum(r.status == status for r in results)
-              for status in ("passed", "failed", "not_built", "regressed")}
+              for status in ("passed", "unverified", "failed", "not_built", "regressed")}
     per_build = {f"{r.build}/{m}": r.metrics[m] for r in results for m in SUMMARY_METRICS
                  if isinstance(r.metrics.get(m), (int, float))}
     repro.finish(invocation, succeeded=code == EXIT_OK, metrics={**counts, **per_build}, artifacts=files)

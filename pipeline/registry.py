@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import PipelineConfig
+from pipeline.build import Build
+from pipeline.config import HIGHER_IS_BETTER
 from pipeline.errors import InputError
 from pipeline.io import read_bytes, sha256_bytes
 
@@ -24,21 +25,9 @@ TAG = "litert."
 METRIC_TAG = f"{TAG}metric."
 TOOL_TAG = f"{TAG}tool."
 SHA256_TAG = f"{TAG}model_sha256"
+VALIDATION_TAG = f"{TAG}validation"
+UNVERIFIED = "unverified"  # its tag value for a build that could not run on the host
 
-# Validation metrics recorded on every version, and whether a larger value is better.
-HIGHER_IS_BETTER: dict[str, bool] = {
-    "accuracy": True,
-    "cosine": True,
-    "snr_db": True,
-    "task_metric": True,  # the gate set's own metric (pipeline.task_metrics: higher is better)
-    "accuracy_drop": False,
-    "task_metric_drop": False,
-    "max_abs_error": False,
-    "size_bytes": False,
-    "size_ratio": False,
-    "latency_median_ms": False,
-    "latency_p90_ms": False,
-}
 # Provenance fields copied onto a version as `litert.<field>` (representative_sha256 is the
 # hash of the calibration data the variant was quantized with).
 LINEAGE_FIELDS = (
@@ -59,25 +48,22 @@ class Registration:
     tags: dict[str, str]
     description: str  # of the version
     model_description: str  # of the registered model, from the model's metadata
-
-
-def registry_name(cfg: PipelineConfig, model: str) -> str:
-    return cfg.model[model].registry_name or f"{cfg.model[model].team}.{model}"
+    # False: the model could not run on the host and its gate set accepted that; it is
+    # registered, tagged litert.validation=unverified, and never aliased automatically.
+    verified: bool = True
 
 
 def variant_alias(alias: str, variant: str) -> str:
     return f"{alias}-{variant}"
 
 
-def registration(
-    cfg: PipelineConfig, build: str, model_file: str | Path, report_file: str | Path
-) -> Registration | None:
+def registration(build: Build, model_file: str | Path, report_file: str | Path) -> Registration | None:
     """The registration of one build's delivered model, from its bytes and its validation report;
     None for a model without provenance (not a deliverable: validated before the metadata stage)."""
-    from pipeline.metadata import inspect_model  # slow to import, and not needed to validate configs
+    from pipeline.metadata import (
+        inspect_model,  # slow to import, and not needed to validate configs
+    )
 
-    name, model = cfg.model_of(build)
-    variant = cfg.build[build].variant
     data = read_bytes(model_file)
     sha256 = sha256_bytes(data)
     try:
@@ -93,26 +79,29 @@ def registration(
     provenance = inspect_model(data)["provenance"]
     if provenance is None:
         return None
+    verified = report.get("verification", "verified") == "verified"
     return Registration(
-        name=registry_name(cfg, name),
-        variant=variant,
+        name=build.model.registry_name,
+        variant=build.variant_name,
         model_file=str(model_file),
         report_file=str(report_file),
         model_sha256=sha256,
-        tags=lineage_tags(provenance, sha256, report["metrics"]),
-        description=describe(provenance, report["metrics"]),
-        model_description=model.metadata.description,
+        tags=lineage_tags(provenance, sha256, report["metrics"], verified=verified),
+        description=describe(provenance, report["metrics"], verified=verified),
+        model_description=build.model.config.metadata.description,
+        verified=verified,
     )
 
 
-def lineage_tags(provenance: dict[str, Any], model_sha256: str, metrics: dict[str, Any]) -> dict[str, str]:
+def lineage_tags(provenance: dict[str, Any], model_sha256: str, metrics: dict[str, Any], *,
+                 verified: bool = True) -> dict[str, str]:
     tags = {f"{TAG}{key}": str(provenance[key]) for key in LINEAGE_FIELDS if provenance.get(key) is not None}
     tags.update({f"{TOOL_TAG}{tool}": str(version) for tool, version in provenance.get("tools", {}).items()})
     # repr() round-trips a float exactly, so a tag compares equal to the report's value.
     tags.update({f"{METRIC_TAG}{key}": repr(float(metrics[key])) for key in HIGHER_IS_BETTER
                  if isinstance(metrics.get(key), (int, float))})
     tags[SHA256_TAG] = model_sha256
-    tags[f"{TAG}validation"] = "passed"
+    tags[VALIDATION_TAG] = "passed" if verified else UNVERIFIED
     return tags
 
 
@@ -121,9 +110,12 @@ def version_metrics(tags: dict[str, str]) -> dict[str, float]:
     return {key[len(METRIC_TAG):]: float(value) for key, value in tags.items() if key.startswith(METRIC_TAG)}
 
 
-def describe(provenance: dict[str, Any], metrics: dict[str, Any]) -> str:
+def describe(provenance: dict[str, Any], metrics: dict[str, Any], *, verified: bool = True) -> str:
     parts = [f"{provenance.get('model')} / {provenance.get('variant')} ({provenance.get('backend')} backend), "
              f"team {provenance.get('team')}."]
+    if not verified:
+        parts.append("UNVERIFIED: it needs select TF ops, which could not run where it was validated; only its "
+                     "size and op checks were applied.")
     if "accuracy" in metrics:
         parts.append(f"Top-1 accuracy {metrics['accuracy']:.4f} (TensorFlow source {metrics['source_accuracy']:.4f}).")
     if "cosine" in metrics:

@@ -22,9 +22,14 @@ from typing import Any
 
 from pipeline.errors import InputError
 from pipeline.io import atomic_path, write_json, write_text
+from pipeline.layout import (
+    AUTO_VARIANT,
+    VALIDATION_JSON,
+    AutoSelectPaths,
+    ComparisonPaths,
+    report_dir,
+)
 
-COMPARISON = Path("comparison")
-AUTOSELECT_FILE = "autoselect.json"
 CSV_COLUMNS = (
     "model", "variant", "size_bytes", "size_ratio", "accuracy", "accuracy_drop", "cosine", "snr_db",
     "latency_median_ms", "latency_p90_ms", "gates_passed", "gates_total", "passed", "pareto_size", "pareto_latency",
@@ -146,14 +151,14 @@ def collect(reports_dir: Path, builds: dict[str, list[str]]) -> list[ModelReport
     for model, variants in builds.items():
         rows = []
         for variant in variants:
-            file = reports_dir / model / variant / "validation.json"
+            file = report_dir(model, variant, reports_dir) / VALIDATION_JSON
             if file.exists():
                 rows.append(row_from_validation(model, variant, read_json(file), file=str(file)))
-        trail_file = reports_dir / model / "auto" / AUTOSELECT_FILE
+        trail_file = AutoSelectPaths.of(model, reports_dir).trail_json
         trail = read_json(trail_file) if trail_file.exists() else None
-        auto_validation = reports_dir / model / "auto" / "validation.json"
-        if trail is not None and auto_validation.exists() and "auto" not in variants:
-            rows.append(row_from_validation(model, "auto", read_json(auto_validation), file=str(auto_validation)))
+        auto_validation = report_dir(model, AUTO_VARIANT, reports_dir) / VALIDATION_JSON
+        if trail is not None and auto_validation.exists() and AUTO_VARIANT not in variants:
+            rows.append(row_from_validation(model, AUTO_VARIANT, read_json(auto_validation), file=str(auto_validation)))
         if rows:
             reports.append(build_model_report(model, rows, trail))
     return reports
@@ -304,12 +309,12 @@ def write(reports: list[ModelReport], out_dir: Path) -> list[Path]:
     """Every model's report.md, report.csv, pareto.png and pareto.json under `out_dir/<model>/`."""
     written = []
     for report in reports:
-        folder = out_dir / report.model
+        files = ComparisonPaths.of(report.model, out_dir)
         written += [
-            write_text(folder / "report.md", to_markdown(report)),
-            write_text(folder / "report.csv", to_csv(report)),
-            plot_pareto(report, folder / "pareto.png"),
-            write_json(folder / "pareto.json", plot_data(report)),
-            write_json(folder / "report.json", to_json(report)),
+            write_text(files.markdown, to_markdown(report)),
+            write_text(files.csv, to_csv(report)),
+            plot_pareto(report, files.pareto_png),
+            write_json(files.pareto_json, plot_data(report)),
+            write_json(files.json, to_json(report)),
         ]
     return written

@@ -12,12 +12,19 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import config, tracking
+from pipeline import config, layout, tracking
 from pipeline.config import PipelineConfig
-from pipeline.errors import InputError
+from pipeline.errors import (
+    EXIT_INTERNAL,
+    EXIT_OK,
+    OUTCOMES_ENV,
+    InputError,
+    most_severe,
+)
 from pipeline.io import write_text
 
 BIN = Path(sys.executable).parent
@@ -33,6 +40,7 @@ def start(overrides: list[str], conf_dir: str, name: str, kind: str) -> Invocati
     """Compose params.yaml, open the parent run and upload what earlier offline runs queued."""
     write_text(config.PARAMS_FILE, config.compose(overrides, conf_dir=conf_dir))
     cfg = config.load()
+    config.check_inputs_exist(cfg, conf_dir)
     parent = tracking.start_parent_run(cfg.tracking, name, {"kind": kind})
     os.environ.pop(tracking.PARENT_ENV, None)
     os.environ.pop(tracking.OFFLINE_ENV, None)
@@ -49,9 +57,7 @@ def start(overrides: list[str], conf_dir: str, name: str, kind: str) -> Invocati
 def finish(invocation: Invocation, *, succeeded: bool, metrics: dict[str, float] | None = None,
            artifacts: list[Path] | None = None) -> None:
     """End the parent run, attaching the model comparisons (tables and Pareto plots) if made."""
-    from pipeline.report import COMPARISON
-
-    attached = [*(artifacts or []), *([COMPARISON] if COMPARISON.is_dir() else [])]
+    attached = [*(artifacts or []), *([layout.COMPARISON] if layout.COMPARISON.is_dir() else [])]
     tracking.end_parent_run(invocation.cfg.tracking, invocation.parent, succeeded=succeeded, metrics=metrics,
                             artifacts=attached)
 
@@ -61,9 +67,53 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
-def dvc(*args: str) -> int:
+def dvc(*args: str, env: dict[str, str] | None = None) -> int:
     """Run a DVC command with its output shown; return its exit code."""
-    return subprocess.call([str(BIN / "dvc"), *args], env=_env())
+    return subprocess.call([str(BIN / "dvc"), *args], env={**_env(), **(env or {})})
+
+
+def reproduce(*targets: str) -> int:
+    """`dvc repro --keep-going`: one failing build does not stop the others. Returns 0, or the
+    most severe documented exit code among the stages that failed (never DVC's own 255)."""
+    with tempfile.TemporaryDirectory(prefix="litert-outcomes-") as folder:
+        code = dvc("repro", "--keep-going", *targets, env={OUTCOMES_ENV: folder})
+        outcomes = [_outcome(path) for path in sorted(Path(folder).glob("*.json"))]
+    if code == 0:
+        return EXIT_OK
+    return summarize_failures(outcomes, failed_stages())
+
+
+def summarize_failures(outcomes: list[dict], failed: set[str]) -> int:
+    """Print the failing stages; return the most severe exit code. A stage DVC could not run at
+    all (it recorded nothing: DVC failed to prepare it, or it crashed) counts as internal."""
+    recorded = {outcome["stage"] for outcome in outcomes}
+    unexplained = sorted(failed - recorded)
+    if not outcomes and not unexplained:
+        unexplained = ["dvc repro"]  # DVC failed before any stage (a lock, a malformed dvc.yaml)
+    print(f"error: {len(outcomes) + len(unexplained)} stage(s) failed:", file=sys.stderr)
+    for outcome in outcomes:
+        print(f"  {outcome['stage']} (exit {outcome['exit_code']}): {outcome['message']}", file=sys.stderr)
+    for stage in unexplained:
+        print(f"  {stage} (exit {EXIT_INTERNAL}): DVC could not run it: see DVC's message above", file=sys.stderr)
+    return most_severe([o["exit_code"] for o in outcomes] + [EXIT_INTERNAL] * len(unexplained))
+
+
+def failed_stages() -> set[str]:
+    """The stages that failed in the last `dvc repro`: out of date although everything they
+    depend on is up to date (the others were skipped because of them)."""
+    try:
+        stale, graph = stale_stages(), stage_graph()
+    except InputError:
+        return set()
+    return {stage for stage in stale if not (graph.get(stage, set()) & stale)}
+
+
+def _outcome(path: Path) -> dict:
+    try:
+        outcome = json.loads(path.read_text(encoding="utf-8"))
+        return {"stage": str(outcome["stage"]), "exit_code": int(outcome["exit_code"]), "message": str(outcome["message"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {"stage": path.stem, "exit_code": EXIT_INTERNAL, "message": "its outcome record is unreadable"}
 
 
 def stage_graph() -> dict[str, set[str]]:

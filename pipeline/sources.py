@@ -1,8 +1,11 @@
 """Load a model source (SavedModel, .keras, H5, concrete functions, JAX) for TensorFlow.
 
-Every format ends as a `LoadedSource`: callable on NumPy inputs (for reference outputs)
-and able to build a `TFLiteConverter`. Keras models go through `model.export()` and
-`from_saved_model`, the robust path across Keras versions; the path taken is recorded.
+Every format ends as a `LoadedSource`: callable on NumPy inputs keyed by input name (for
+reference outputs), returning outputs keyed by output name, and able to build a
+`TFLiteConverter`. Keras models are exported to a SavedModel whose serving signature names
+each input and output after the model's own (Keras' plain `model.export()` would name
+list outputs `output_0`, `output_1`...), then converted with `from_saved_model`, the
+robust path across Keras versions; the path taken is recorded.
 """
 
 from __future__ import annotations
@@ -15,18 +18,16 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipeline.config import PARAMS_FILE, ModelConfig, SourceFormat
+from pipeline.config import PARAMS_FILE, ModelConfig, SourceConfig, SourceFormat
+from pipeline.datasets import TensorInfo
 from pipeline.errors import ConfigError, InputError, first_line
 
-# Factories may come from these packages unless the config trusts more (source.trusted).
-TRUSTED_FACTORY_PACKAGES = ("pipeline",)
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    shape: list  # None for unknown dimensions
-    dtype: str
+# What an untrusted config may name as a function: the bundled factory, and any public function
+# of the task metrics module (pure functions, reviewed as code). Anything else, e.g. a project
+# function that writes files, needs `trusted: true`.
+TRUSTED_FUNCTIONS = frozenset({"pipeline.examples:digits_concrete_functions"})
+TRUSTED_MODULES = frozenset({"pipeline.task_metrics"})
+SERVING = "serving_default"
 
 
 @dataclass
@@ -40,6 +41,12 @@ class LoadedSource:
     parameter_count: int | None = None
     # Keeps temporary export folders alive as long as the source is in use.
     _keep: list = field(default_factory=list, repr=False)
+
+
+def served_signature(source: SourceConfig) -> str:
+    """The signature key of the float model: the SavedModel's chosen one, else the one this
+    loader exports (Keras) or names (concrete functions)."""
+    return source.signature_key if source.format in (SourceFormat.saved_model, SourceFormat.jax) else SERVING
 
 
 def load_source(model: ModelConfig, name: str, *, file: str = "params.yaml") -> LoadedSource:
@@ -80,11 +87,13 @@ def _signature(loaded: Any, signature_key: str, path: Path, key: str) -> Any:
     return loaded.signatures[signature_key]
 
 
-def _from_saved_model(path: Path, model: ModelConfig, key: str, path_name: str, keep: list | None = None) -> LoadedSource:
+def _from_saved_model(path: Path, model: ModelConfig, key: str, path_name: str, keep: list | None = None,
+                      signature_key: str | None = None) -> LoadedSource:
     import tensorflow as tf
 
     loaded = _load_saved_model(path, key)
-    function = _signature(loaded, model.source.signature_key, path, key)
+    signature_key = signature_key or model.source.signature_key
+    function = _signature(loaded, signature_key, path, key)
     _, input_specs = function.structured_input_signature
     inputs = [_tensor_info(n, s) for n, s in sorted(input_specs.items())]
     outputs = [_tensor_info(n, s) for n, s in sorted(function.structured_outputs.items())]
@@ -93,7 +102,7 @@ def _from_saved_model(path: Path, model: ModelConfig, key: str, path_name: str, 
         result = function(**{n: tf.constant(v) for n, v in feed.items()})
         return {n: t.numpy() for n, t in result.items()}
 
-    signature_keys = model.conversion.signatures or [model.source.signature_key]
+    signature_keys = model.conversion.signatures or [signature_key]
 
     def make_converter() -> Any:
         return tf.lite.TFLiteConverter.from_saved_model(str(path), signature_keys=signature_keys)
@@ -122,31 +131,62 @@ def _from_keras(path: Path, model: ModelConfig, key: str) -> LoadedSource:
         raise InputError(f"cannot load Keras model: {first_line(exc)}", file=str(path), key=f"{key}.path") from None
     export_dir = tempfile.TemporaryDirectory(prefix="litert-keras-export-")
     saved_model = Path(export_dir.name) / "saved_model"
-    keras_model.export(str(saved_model), format="tf_saved_model", verbose=False)
-    source = _from_saved_model(saved_model, model, key, "keras_export_saved_model", keep=[export_dir, keras_model])
-    output_names = [o.name for o in source.outputs]
-
-    def call(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        # Reference outputs come from Keras itself, so an export fault shows in validation.
-        values = [feed[i.name] for i in source.inputs]
-        result = keras_model(values[0] if len(values) == 1 else values, training=False)
-        results = result if isinstance(result, (list, tuple)) else [result]
-        return {n: np.asarray(r) for n, r in zip(output_names, results)}
-
-    source.call = call
+    call = _export_keras(keras_model, saved_model)
+    # Keras exports its own signature: the model's `signature_key` applies to SavedModels only.
+    source = _from_saved_model(saved_model, model, key, "keras_export_saved_model", keep=[export_dir, keras_model],
+                               signature_key=SERVING)
+    source.call = call  # reference outputs come from Keras itself, so an export fault shows in validation
     source.parameter_count = int(keras_model.count_params())
     return source
 
 
+def _export_keras(keras_model: Any, folder: Path) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """Export a serving signature with the model's input and output names; return the call it serves."""
+    import keras
+    import tensorflow as tf
+
+    inputs = getattr(keras_model, "inputs", None)
+    output_names = list(getattr(keras_model, "output_names", None) or [])
+    if not inputs or not output_names:  # a subclassed model: Keras' own export names what it can
+        keras_model.export(str(folder), format="tf_saved_model", verbose=False)
+
+        def call_unnamed(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            result = keras_model(*feed.values(), training=False)
+            results = result if isinstance(result, (list, tuple)) else [result]
+            return {f"output_{i}": np.asarray(r) for i, r in enumerate(results)}
+
+        return call_unnamed
+    input_names = [tensor.name for tensor in inputs]
+
+    def serve(*tensors: Any) -> dict[str, Any]:
+        # Keras maps a dict to its inputs by name, whatever structure the model was built with.
+        result = keras_model(dict(zip(input_names, tensors)), training=False)
+        if isinstance(result, dict):
+            return {name: result[name] for name in output_names}
+        results = result if isinstance(result, (list, tuple)) else [result]
+        return dict(zip(output_names, results))
+
+    archive = keras.export.ExportArchive()
+    archive.track(keras_model)
+    specs = [tf.TensorSpec(t.shape, t.dtype, name=name) for t, name in zip(inputs, input_names)]
+    archive.add_endpoint(SERVING, serve, input_signature=specs)
+    archive.write_out(str(folder), verbose=False)
+
+    def call(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {name: np.asarray(value) for name, value in serve(*(feed[n] for n in input_names)).items()}
+
+    return call
+
+
 def resolve_factory(reference: str, *, trusted: bool, key: str, file: str = "params.yaml") -> Callable:
-    """Import `module:function`, only from the project's packages unless `trusted`."""
+    """Import `module:function`: from TRUSTED_FUNCTIONS or TRUSTED_MODULES unless `trusted`."""
     module_name, _, function_name = reference.partition(":")
-    if not module_name or not function_name:
+    if not module_name or not function_name or function_name.startswith("_"):
         raise ConfigError(f"'{reference}' is not 'module:function'", file=file, key=key)
-    if not trusted and module_name.split(".")[0] not in TRUSTED_FACTORY_PACKAGES:
-        raise ConfigError(
-            f"module '{module_name}' is outside the project; set trusted: true to import it", file=file, key=key
-        )
+    if not trusted and reference not in TRUSTED_FUNCTIONS and module_name not in TRUSTED_MODULES:
+        allowed = ", ".join([*sorted(TRUSTED_FUNCTIONS), *(f"{m}:*" for m in sorted(TRUSTED_MODULES))])
+        raise ConfigError(f"'{reference}' is not a function a config may name without trust ({allowed}): set "
+                          "trusted: true to import it, only for code you trust", file=file, key=key)
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # ImportError, or whatever the module raises while it loads
@@ -168,18 +208,26 @@ def _from_concrete_functions(path: Path, model: ModelConfig, key: str) -> Loaded
     except Exception as exc:  # whatever the team's factory raises on a bad weights file
         message = f"factory failed: {type(exc).__name__}: {first_line(exc)}"
         raise InputError(message, file=str(path), key=f"{key}.factory") from None
+    # (functions, trackable): the object owning the variables the functions capture.
+    trackable = None
+    if isinstance(functions, tuple) and len(functions) == 2 and isinstance(functions[1], tf.Module):
+        functions, trackable = functions
     if not isinstance(functions, (list, tuple)) or not functions or not all(
         isinstance(f, tf.types.experimental.ConcreteFunction) for f in functions
     ):
         raise ConfigError(
-            "the factory must return a non-empty list of concrete functions", file=str(path), key=f"{key}.factory"
+            "the factory must return a non-empty list of concrete functions, or (that list, the tf.Module owning "
+            "their variables)", file=str(path), key=f"{key}.factory"
         )
+    # With a trackable object the converter writes a serving signature naming inputs and outputs;
+    # functions whose weights are constants need no more than an empty module.
+    trackable = trackable if trackable is not None else tf.Module()
     function = functions[0]
     inputs = [_tensor_info(s.name or f"input_{i}", s) for i, s in enumerate(function.structured_input_signature[0])]
     structured = function.structured_outputs
     if isinstance(structured, dict):
         outputs = [_tensor_info(n, s) for n, s in sorted(structured.items())]
-    else:
+    else:  # the names the converter gives a signature's unnamed outputs
         flat = tf.nest.flatten(structured)
         outputs = [_tensor_info(f"output_{i}", s) for i, s in enumerate(flat)]
 
@@ -190,7 +238,7 @@ def _from_concrete_functions(path: Path, model: ModelConfig, key: str) -> Loaded
         return {o.name: t.numpy() for o, t in zip(outputs, tf.nest.flatten(result))}
 
     def make_converter() -> Any:
-        return tf.lite.TFLiteConverter.from_concrete_functions(list(functions))
+        return tf.lite.TFLiteConverter.from_concrete_functions(list(functions), trackable)
 
     count = sum(int(np.prod(v.shape)) for v in function.variables) or None
     return LoadedSource(model.source.format, "from_concrete_functions", inputs, outputs, call, make_converter, count)

@@ -35,9 +35,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pipeline import config, repro, report, tracking
+from pipeline import config, report, repro, tracking
 from pipeline.errors import EXIT_GATE, EXIT_OK, ConfigError, InputError, PipelineError
 from pipeline.io import write_json, write_text
+from pipeline.layout import ComparisonPaths
 
 SWEEPS = Path("multirun")
 # Per-model stages whose outputs every build reads (dvc.yaml): run once, shared by members.
@@ -113,7 +114,8 @@ def member_config(raw: dict[str, Any], swept: list[str], *, file: str) -> Member
                   for m in models},
         "autoselect": {},
     }
-    config.validate(params, file=file)
+    # As `compose` writes params.yaml: typed, with every default, without unused data.
+    params = config.used_only(config.plain(config.validate(params, file=file)))
     return Member(label, variant, models, params)
 
 
@@ -489,7 +491,7 @@ def run_dvc_sweep(overrides: list[str], *, conf_dir: str, name: str, jobs: int, 
     for job, (experiment, (member, member_overrides)) in enumerate(members.items()):
         result: dict[str, Any] = {"job": job, "experiment": experiment, "label": member.label,
                                   "variant": member.variant, "models": member.models, "overrides": member_overrides}
-        found = {m: (metrics.get(experiment, {}).get(f"{report.COMPARISON}/{m}/report.json") or {}).get(member.label)
+        found = {m: (metrics.get(experiment, {}).get(ComparisonPaths.of(m).json.as_posix()) or {}).get(member.label)
                  for m in member.models}
         if not all(found.values()):
             result.update(exit_code=InputError.exit_code, status="error",

@@ -29,8 +29,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
 from pipeline import __version__
-from pipeline.config import PipelineConfig, TrackingConfig, plain
-from pipeline.errors import ConfigError, InputError, PipelineError, TrackingError
+from pipeline.build import Build
+from pipeline.config import TrackingConfig, check_tracking_uri, plain
+from pipeline.errors import InputError, PipelineError, TrackingError
 from pipeline.io import atomic_path
 from pipeline.registry import CANDIDATE, SHA256_TAG, Registration, variant_alias
 from pipeline.registry import TAG as TAG_PREFIX
@@ -59,8 +60,7 @@ def tracking_uri(tracking: TrackingConfig) -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking.uri
     if not uri:
         return f"sqlite:///{Path(DEFAULT_DB).resolve()}"
-    if not re.match(r"^(sqlite:///|https?://|file:|databricks|postgresql|mysql)", uri):
-        raise ConfigError(f"malformed tracking URI '{shown(uri)}'", key="tracking.uri")
+    check_tracking_uri(uri)
     return uri
 
 
@@ -99,15 +99,14 @@ class StageRecord:
     git_commit: str = field(default_factory=git_commit)
 
 
-def build_config(cfg: PipelineConfig, build: str) -> dict[str, Any]:
+def build_config(build: Build) -> dict[str, Any]:
     """Everything the config says about one build: its model, variant, gates and runtime."""
-    name, model = cfg.model_of(build)
-    variant = cfg.build[build].variant
+    model = build.model
     return {
-        "model": {"name": name, **plain(model)},
-        "variant": {"name": variant, **plain(cfg.quantization[variant])},
-        "gates": plain(cfg.gates(build)),
-        "runtime": {"name": model.runtime, **plain(cfg.runtime[model.runtime])},
+        "model": {"name": model.name, **plain(model.config)},
+        "variant": {"name": build.variant_name, **plain(build.variant)},
+        "gates": plain(build.gates),
+        "runtime": {"name": model.runtime_name, **plain(model.runtime)},
     }
 
 
@@ -347,7 +346,9 @@ def register(client: Any, run_id: str, registration: Registration) -> int:
     if oldest < created:
         client.delete_model_version(registration.name, str(created))
         return oldest
-    client.set_registered_model_alias(registration.name, variant_alias(CANDIDATE, registration.variant), str(created))
+    if registration.verified:  # an unverified build is registered, never aliased automatically
+        client.set_registered_model_alias(registration.name, variant_alias(CANDIDATE, registration.variant),
+                                          str(created))
     return created
 
 

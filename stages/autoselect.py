@@ -2,11 +2,14 @@
 
 import argparse
 
-from pipeline import autoselect, config, paths, report, tracking
+from pipeline import autoselect, config, report, tracking
+from pipeline.build import resolve_model
 from pipeline.config import AUTO_VARIANT
-from pipeline.errors import GateError, exit_on_error
+from pipeline.entry import exit_on_error
+from pipeline.errors import ConfigError, GateError
 from pipeline.io import write_bytes, write_json, write_text
-from pipeline.validate import to_markdown, validation_json, validation_markdown
+from pipeline.layout import AutoSelectPaths, BuildPaths
+from pipeline.validate import to_markdown
 
 
 @exit_on_error
@@ -15,22 +18,25 @@ def main() -> None:
     parser.add_argument("model", help="a key of `autoselect` in params.yaml")
     name = parser.parse_args().model
     cfg = config.load()
-    selection = autoselect.select(cfg, name, git_commit=tracking.git_commit())
+    if name not in cfg.autoselect:
+        raise ConfigError("no auto-selection budget for this model", file=config.PARAMS_FILE, key=f"autoselect.{name}")
+    model, auto = resolve_model(cfg, name), cfg.autoselect[name]
+    selection = autoselect.select(model, auto, cfg.quantization, git_commit=tracking.git_commit(),
+                                  experiment=cfg.tracking.experiment)
 
     # The trail is written first, so a model with no variant within budget still explains itself.
-    trail = selection.report
+    trail, files, build_files = selection.report, AutoSelectPaths.of(name), BuildPaths.of(name, AUTO_VARIANT)
     outputs = [
-        write_json(autoselect.trail_json(name), trail),
-        write_text(autoselect.trail_markdown(name),
-                   "\n".join([f"# Auto-selection for {name}", "", *report.trail_markdown(trail)])),
+        write_json(files.trail_json, trail),
+        write_text(files.trail_markdown, "\n".join([f"# Auto-selection for {name}", "", *report.trail_markdown(trail)])),
     ]
     chosen = selection.selected
     if chosen is not None:
         outputs += [
-            write_json(validation_json(name, AUTO_VARIANT), chosen.validation.report),
-            write_text(validation_markdown(name, AUTO_VARIANT), to_markdown(chosen.validation.report)),
-            write_json(autoselect.recipe_json(name), chosen.candidate.recipe),
-            write_bytes(paths.delivered_model(name, AUTO_VARIANT), chosen.candidate.model),
+            write_json(build_files.validation_json, chosen.validation.report),
+            write_text(build_files.validation_markdown, to_markdown(chosen.validation.report)),
+            write_json(files.recipe, chosen.candidate.recipe),
+            write_bytes(build_files.delivered, chosen.candidate.model),
         ]
     metrics = chosen.validation.report["metrics"] if chosen else {}
     tracking.log_stage(
@@ -39,8 +45,8 @@ def main() -> None:
             model=name,
             variant=AUTO_VARIANT,
             stage="autoselect",
-            team=cfg.model[name].team,
-            params={"budget": config.plain(cfg.autoselect[name]), "candidates": autoselect.candidates_of(cfg, name)},
+            team=model.team,
+            params={"budget": config.plain(auto), "candidates": autoselect.candidates_of(auto, cfg.quantization)},
             metrics={**{k: v for k, v in metrics.items() if isinstance(v, (int, float))},
                      "attempts": len(trail["attempts"]), "float_layers": len(chosen.candidate.float_tensors) if chosen else 0,
                      "passed": float(chosen is not None)},

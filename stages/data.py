@@ -2,8 +2,9 @@
 
 import argparse
 
-from pipeline import config, datasets, paths
-from pipeline.errors import exit_on_error
+from pipeline import config, datasets, layout
+from pipeline.entry import exit_on_error
+from pipeline.errors import ConfigError
 from pipeline.io import atomic_path
 
 
@@ -13,9 +14,11 @@ def main() -> None:
     parser.add_argument("dataset", help="a key of `dataset` or `generator` in params.yaml")
     name = parser.parse_args().dataset
     cfg = config.load()
+    if name not in cfg.dataset and name not in cfg.generator:
+        raise ConfigError(f"unknown dataset '{name}'", file=config.PARAMS_FILE, key=f"dataset.{name}")
     group = "dataset" if name in cfg.dataset else "generator"
-    samples = datasets.materialize({**cfg.dataset, **cfg.generator}[name], key=f"{group}.{name}")
-    with atomic_path(paths.samples(name)) as tmp, open(tmp, "wb") as handle:
+    samples = datasets.materialize(getattr(cfg, group)[name], key=f"{group}.{name}")
+    with atomic_path(layout.samples(name)) as tmp, open(tmp, "wb") as handle:
         datasets.save(samples, handle)
 
 

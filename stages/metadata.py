@@ -3,8 +3,9 @@
 import argparse
 import json
 
-from pipeline import config, deliver, paths, tracking
-from pipeline.errors import exit_on_error
+from pipeline import config, deliver, tracking
+from pipeline.build import resolve_build
+from pipeline.entry import exit_on_error
 from pipeline.io import read_bytes, write_bytes
 
 
@@ -12,27 +13,25 @@ from pipeline.io import read_bytes, write_bytes
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("build", help="<model>-<variant>, a key of `build` in params.yaml")
-    build = parser.parse_args().build
     cfg = config.load()
-    name, model = cfg.model_of(build)
-    variant = cfg.build[build].variant
+    build = resolve_build(cfg, parser.parse_args().build)
     record = deliver.provenance(
-        cfg,
         build,
-        convert_info=json.loads(read_bytes(paths.convert_report(name))),
-        quantize_info=json.loads(read_bytes(paths.quantize_report(name, variant))),
+        convert_info=json.loads(read_bytes(build.model.paths.convert_report)),
+        quantize_info=json.loads(read_bytes(build.paths.quantize_report)),
         git_commit=tracking.git_commit(),
+        experiment=cfg.tracking.experiment,
     )
-    delivered = deliver.deliver(cfg, build, read_bytes(paths.quantized_model(name, variant)), record)
-    out = write_bytes(paths.delivered_model(name, variant), delivered)
+    delivered = deliver.deliver(build, read_bytes(build.paths.quantized), record)
+    out = write_bytes(build.paths.delivered, delivered)
     tracking.log_stage(
         cfg.tracking,
         tracking.StageRecord(
-            model=name,
-            variant=variant,
+            model=build.model.name,
+            variant=build.variant_name,
             stage="metadata",
-            team=model.team,
-            params=config.plain(model.metadata),
+            team=build.team,
+            params=config.plain(build.model.config.metadata),
             metrics={"delivered_size_bytes": len(delivered)},
             tags={"config_hash": record["config_hash"], "git_commit": record["git_commit"],
                   "source_sha256": record["source_sha256"], "conversion_path": record["conversion_path"]},

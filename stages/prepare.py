@@ -2,8 +2,8 @@
 
 import argparse
 
-from pipeline import paths
-from pipeline.errors import exit_on_error
+from pipeline import layout
+from pipeline.entry import exit_on_error
 from pipeline.examples import build_example
 
 
@@ -12,7 +12,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("example")
     name = parser.parse_args().example
-    build_example(name, paths.EXAMPLES / name)
+    build_example(name, layout.example(name))
 
 
 if __name__ == "__main__":

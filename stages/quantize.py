@@ -3,8 +3,9 @@
 import argparse
 import json
 
-from pipeline import config, paths, steps, tracking
-from pipeline.errors import exit_on_error
+from pipeline import config, steps, tracking
+from pipeline.build import resolve_build
+from pipeline.entry import exit_on_error
 from pipeline.io import write_bytes, write_json
 
 
@@ -12,36 +13,30 @@ from pipeline.io import write_bytes, write_json
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("build", help="<model>-<variant>, a key of `build` in params.yaml")
-    build = parser.parse_args().build
     cfg = config.load()
-    name, model = cfg.model_of(build)
-    variant = cfg.build[build].variant
-    float_path = paths.float_model(name)
-    result = steps.quantize_build(cfg, build, float_path)
-    out = write_bytes(paths.quantized_model(name, variant), result.model)
-    float_size = float_path.stat().st_size
-    report = {**result.info, "size_bytes": len(result.model), "float_size_bytes": float_size,
-              "size_ratio": len(result.model) / float_size}
-    write_json(paths.quantize_report(name, variant), report)
-    evaluation = json.loads(paths.evaluate_report(name).read_text())
+    build = resolve_build(cfg, parser.parse_args().build)
+    result = steps.quantize_build(build)
+    out = write_bytes(build.paths.quantized, result.model)
+    write_json(build.paths.quantize_report, result.info)
+    evaluation = json.loads(build.model.paths.evaluate_report.read_text())
     tracking.log_stage(
         cfg.tracking,
         tracking.StageRecord(
-            model=name,
-            variant=variant,
+            model=build.model.name,
+            variant=build.variant_name,
             stage="quantize",
-            team=model.team,
-            params={"variant": config.plain(cfg.quantization[variant]),
-                    "representative": config.plain(model.representative)},
+            team=build.team,
+            params={"variant": config.plain(build.variant),
+                    "representative": config.plain(build.model.config.representative)},
             metrics={
-                "size_bytes": report["size_bytes"],
-                "float_size_bytes": float_size,
-                "size_ratio": report["size_ratio"],
+                "size_bytes": result.info["bytes"],
+                "float_size_bytes": result.info["float_bytes"],
+                "size_ratio": result.info["size_ratio"],
                 **{f"source_{k}": v for k, v in evaluation["metrics"].items()},
             },
-            tags={"backend": cfg.quantization[variant].backend.value,
-                  "representative_sha256": report.get("representative_sha256", "")},
-            artifacts=[out, paths.quantize_report(name, variant), paths.evaluate_report(name)],
+            tags={"backend": build.variant.backend.value,
+                  "representative_sha256": result.info.get("representative_sha256") or ""},
+            artifacts=[out, build.paths.quantize_report, build.model.paths.evaluate_report],
         ),
     )
 

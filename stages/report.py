@@ -2,9 +2,9 @@
 
 import argparse
 
-from pipeline import config, report
-from pipeline.errors import InputError, exit_on_error
-from pipeline.validate.report import REPORTS
+from pipeline import config, layout, report
+from pipeline.entry import exit_on_error
+from pipeline.errors import ConfigError, InputError
 
 
 @exit_on_error
@@ -13,11 +13,14 @@ def main() -> None:
     parser.add_argument("model")
     name = parser.parse_args().model
     cfg = config.load()
+    if name not in cfg.model:
+        raise ConfigError(f"unknown model '{name}'", file=config.PARAMS_FILE, key=f"model.{name}")
     variants = [build.variant for build in cfg.build.values() if build.model == name]
-    reports = report.collect(REPORTS, {name: variants})
+    reports = report.collect(layout.REPORTS, {name: variants})
     if not reports:
-        raise InputError(f"no validation report of {name}: run its validate stages first", file=str(REPORTS / name))
-    report.write(reports, report.COMPARISON)
+        raise InputError(f"no validation report of {name}: run its validate stages first",
+                         file=str(layout.REPORTS / name))
+    report.write(reports, layout.COMPARISON)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 import argparse
 
-from pipeline import config, datasets, paths, steps
-from pipeline.errors import exit_on_error
+from pipeline import config, datasets, steps
+from pipeline.build import resolve_model
+from pipeline.entry import exit_on_error
 from pipeline.io import atomic_path, read_bytes, write_json
 
 
@@ -11,15 +12,13 @@ from pipeline.io import atomic_path, read_bytes, write_json
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("model")
-    name = parser.parse_args().model
-    cfg = config.load()
-    cfg.model_named(name)
-    pool = steps.representative_pool(cfg, name)
-    float_model = read_bytes(paths.float_model(name))
-    calibration = steps.shared_calibration(cfg, name, pool, float_model)
-    with atomic_path(paths.representative(name)) as tmp, open(tmp, "wb") as handle:
+    model = resolve_model(config.load(), parser.parse_args().model)
+    float_model = read_bytes(model.paths.float_model)
+    pool = steps.representative_pool(model)
+    calibration = steps.shared_calibration(model, pool, float_model)
+    with atomic_path(model.paths.representative) as tmp, open(tmp, "wb") as handle:
         datasets.save(pool, handle)
-    write_json(paths.calibration(name), calibration)
+    write_json(model.paths.calibration, calibration)
 
 
 if __name__ == "__main__":

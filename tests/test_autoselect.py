@@ -7,13 +7,13 @@ range then swamps the other units, so only keeping those layers in float recover
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 
 import numpy as np
 import pytest
 
-from pipeline import autoselect, config, datasets, paths, steps
+from pipeline import autoselect, config, datasets, layout, steps
+from pipeline.build import resolve_model
 from pipeline.config import AutoSelectConfig, DatasetConfig, SourceConfig, SourceFormat
 from pipeline.errors import ConfigError
 from pipeline.evaluate import save_reference
@@ -72,34 +72,37 @@ def project(tmp_path_factory):
     model.metadata.outputs[0].labels = str(ROOT / "conf" / "labels" / "digits.txt")
     model.representative = replace(model.representative, dataset="outlier_calibration", num_samples=200)
     model.evaluation = replace(model.evaluation, dataset="outlier_evaluation", num_samples=397)
-    cfg = replace(base, model={"outlier": model}, build={},
-                  dataset={"outlier_calibration": DatasetConfig(path="unused"), "outlier_evaluation": DatasetConfig(path="unused")},
+    datasets_used = {name: DatasetConfig(path="unused", inputs_key="x", labels_key="y")
+                     for name in ("outlier_calibration", "outlier_evaluation")}
+    cfg = replace(base, model={"outlier": model}, build={}, dataset=datasets_used,
                   autoselect={"outlier": AutoSelectConfig(max_accuracy_drop=BUDGET)})
 
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(folder)
         inputs, labels = _digits()
         for name, part in (("outlier_calibration", slice(0, 1400)), ("outlier_evaluation", slice(1400, None))):
-            with atomic_path(paths.samples(name)) as tmp, open(tmp, "wb") as handle:
-                datasets.save(datasets.Samples(inputs[part], labels[part]), handle)
-        converted, evaluation = steps.convert_model(cfg, "outlier")
-        write_bytes(paths.float_model("outlier"), converted.model)
-        write_json(paths.convert_report("outlier"), converted.info)
-        write_json(paths.evaluate_report("outlier"), evaluation.report)
-        with atomic_path(paths.reference_outputs("outlier")) as tmp, open(tmp, "wb") as handle:
+            with atomic_path(layout.samples(name)) as tmp, open(tmp, "wb") as handle:
+                datasets.save(datasets.Samples({datasets.ONLY: inputs[part]}, {datasets.ONLY: labels[part]}), handle)
+        outlier = resolve_model(cfg, "outlier")
+        converted, evaluation = steps.convert_model(outlier)
+        write_bytes(outlier.paths.float_model, converted.model)
+        write_json(outlier.paths.convert_report, converted.info)
+        write_json(outlier.paths.evaluate_report, evaluation.report)
+        with atomic_path(outlier.paths.reference) as tmp, open(tmp, "wb") as handle:
             save_reference(evaluation, handle)
-        pool = steps.representative_pool(cfg, "outlier")
-        with atomic_path(paths.representative("outlier")) as tmp, open(tmp, "wb") as handle:
+        pool = steps.representative_pool(outlier)
+        with atomic_path(outlier.paths.representative) as tmp, open(tmp, "wb") as handle:
             datasets.save(pool, handle)
-        write_json(paths.calibration("outlier"), steps.shared_calibration(cfg, "outlier", pool, converted.model))
+        write_json(outlier.paths.calibration, steps.shared_calibration(outlier, pool, converted.model))
     return folder, cfg
 
 
 def _select(project, monkeypatch, **budget):
     folder, cfg = project
     monkeypatch.chdir(folder)
-    cfg = replace(cfg, autoselect={"outlier": AutoSelectConfig(**{"max_accuracy_drop": BUDGET, **budget})})
-    return autoselect.select(cfg, "outlier", git_commit="test")
+    auto = AutoSelectConfig(**{"max_accuracy_drop": BUDGET, **budget})
+    return autoselect.select(resolve_model(cfg, "outlier"), auto, cfg.quantization, git_commit="test",
+                             experiment="test")
 
 
 def test_static_int8_misses_so_worst_layers_stay_float_until_within_budget(project, monkeypatch):

@@ -112,12 +112,13 @@ REGISTER = """
 import sys, time
 from pathlib import Path
 from pipeline import config, registry, tracking
-build, model_file, report_file, parent, barrier = sys.argv[1:]
+from pipeline.build import resolve_build
+name, model_file, report_file, parent, barrier = sys.argv[1:]
 cfg = config.load()
-name, model = cfg.model_of(build)
+build = resolve_build(cfg, name)
 record = tracking.StageRecord(
-    model=name, variant=cfg.build[build].variant, stage="validate", team=model.team, parent=parent,
-    config=tracking.build_config(cfg, build), registration=registry.registration(cfg, build, model_file, report_file))
+    model=build.model.name, variant=build.variant_name, stage="validate", team=build.team, parent=parent,
+    config=tracking.build_config(build), registration=registry.registration(build, model_file, report_file))
 Path(barrier, parent).touch()
 while not Path(barrier, "go").exists():
     time.sleep(0.001)

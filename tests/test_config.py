@@ -25,7 +25,7 @@ def test_composition_validates_and_resolves_references():
 
 def test_build_overrides_gates(tmp_path):
     text = (ROOT / "params.yaml").read_text().replace(
-        "  digits-float:\n    model: digits\n    variant: float\n",
+        "  digits-float:\n    model: digits\n    variant: float\n    validation: {}\n",
         "  digits-float:\n    model: digits\n    variant: float\n    validation:\n      min_cosine: 0.5\n",
     )
     (tmp_path / "params.yaml").write_text(text)
@@ -112,3 +112,97 @@ def test_cli_help_does_not_import_tensorflow():
         cwd=ROOT,
     )
     assert result.stdout.strip() == "False", result.stderr
+
+
+# --- named tensors, converter options, labels and overlap ---------------------------------------
+
+def _params() -> dict:
+    import yaml
+
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def _refused(params: dict) -> ConfigError:
+    with pytest.raises(ConfigError) as caught:
+        config.validate(params, file="params.yaml")
+    return caught.value
+
+
+def test_converter_options_are_an_allow_list_of_typed_attributes():
+    params = _params()
+    options = params["model"]["digits"]["conversion"]["converter_options"]
+    options["_experimental_lower_tensor_list_ops"] = False
+    cfg = config.validate(params, file="params.yaml")
+    assert cfg.model["digits"].conversion.converter_options._experimental_lower_tensor_list_ops is False
+    options["optimizations"] = ["DEFAULT"]  # a converter attribute, but not one a config may set
+    assert _refused(params).key == "model.digits.conversion.converter_options.optimizations"
+    del options["optimizations"]
+    options["unfold_batchmatmul"] = "sometimes"
+    assert _refused(params).key == "model.digits.conversion.converter_options.unfold_batchmatmul"
+
+
+def test_every_allowed_converter_option_is_a_real_converter_attribute(tmp_path):
+    import tensorflow as tf
+
+    from tests.conftest import tiny_keras_model
+
+    tiny_keras_model().export(str(tmp_path / "sm"), verbose=False)
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(tmp_path / "sm"))
+    for option in config.ConverterOptions.__dataclass_fields__:
+        assert hasattr(converter, option), option
+
+
+def test_a_gate_set_needing_labels_on_unlabeled_data_is_refused_at_load_time():
+    params = _params()
+    params["model"]["mobilenet_v2"]["validation"] = "classifier"  # a generator: no labels
+    error = _refused(params)
+    assert error.key == "model.mobilenet_v2.validation" and "needs labels" in error.message
+    params["validation"]["classifier"]["max_accuracy_drop"] = None
+    params["validation"]["classifier"]["task_metric_uses_labels"] = False
+    config.validate(params, file="params.yaml")  # a label-free task metric is fine
+    params["build"]["mobilenet_v2-float"]["validation"] = {"max_accuracy_drop": 0.01}
+    assert _refused(params).key == "build.mobilenet_v2-float.validation"
+
+
+def test_evaluation_on_the_calibration_samples_is_refused_unless_allowed():
+    params = _params()
+    model = params["model"]["digits"]
+    model["evaluation"]["dataset"] = model["representative"]["dataset"]
+    error = _refused(params)
+    assert error.key == "model.digits.evaluation.dataset" and "allow_overlap" in error.message
+    model["evaluation"]["allow_overlap"] = True
+    config.validate(params, file="params.yaml")
+    # Two dataset entries naming the same file are the same samples too.
+    model["evaluation"].update(dataset="digits_evaluation", allow_overlap=False)
+    params["dataset"]["digits_evaluation"]["path"] = "./" + params["dataset"]["digits_calibration"]["path"]
+    assert _refused(params).key == "model.digits.evaluation.dataset"
+
+
+@pytest.mark.parametrize(("dataset", "key"), [
+    ({"path": "d.npz"}, "dataset.d.inputs"),  # neither inputs nor inputs_key
+    ({"path": "d.npz", "inputs_key": "x", "inputs": {"a": "x"}}, "dataset.d.inputs"),
+    ({"path": "d.npz", "inputs": {"a/../b": "x"}}, "dataset.d.inputs.a/../b"),
+    ({"path": "d.npz", "inputs_key": "x", "labels_key": "y", "labels": {"o": "y"}}, "dataset.d.labels"),
+    ({"type": "images", "path": "folder", "inputs": {"a": "x"}}, "dataset.d.inputs"),
+])
+def test_dataset_entries_name_their_arrays_one_way(dataset, key):
+    assert _refused({"dataset": {"d": dataset}}).key == key
+
+
+@pytest.mark.parametrize(("generator", "key"), [
+    ({"shape": [3], "inputs": {"a": {"shape": [3]}}}, "generator.g"),
+    ({"shape": [0]}, "generator.g.shape"),
+    ({"shape": [3], "dtype": "uint8", "high": 1000}, "generator.g.high"),
+    ({"inputs": {"ids": {"shape": [4], "dtype": "int32", "low": 0.2, "high": 0.5}}}, "generator.g.inputs.ids.high"),
+    ({"shape": [100000, 100000], "size": 100}, "generator.g.size"),  # 10^12 values
+    ({"shape": [3], "low": float("nan")}, "generator.g.low"),
+])
+def test_generators_are_bounded_and_typed(generator, key):
+    assert _refused({"generator": {"g": generator}}).key == key
+
+
+@pytest.mark.parametrize("name", ["../../escape", "/abs/path", "a.b"])
+def test_names_that_reach_paths_are_plain(name):
+    params = _params()
+    params["quantization"][name] = {"backend": "none"}
+    assert _refused(params).key == f"quantization.{name}"

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from pipeline.build import resolve_build
 from pipeline import config, deliver
 from pipeline.errors import ConfigError
 from pipeline.metadata import inspect_model, strip_metadata
@@ -23,11 +24,12 @@ def cfg(monkeypatch):
 
 
 def _record(cfg):
-    return deliver.provenance(cfg, BUILD, convert_info=INFO["convert"], quantize_info=INFO["quantize"], git_commit="abc")
+    return deliver.provenance(resolve_build(cfg, BUILD), convert_info=INFO["convert"], quantize_info=INFO["quantize"],
+                              git_commit="abc", experiment="litert-pipeline")
 
 
 def test_delivered_model_carries_metadata_labels_and_provenance(cfg, tiny_float_tflite):
-    delivered = deliver.deliver(cfg, BUILD, tiny_float_tflite, _record(cfg))
+    delivered = deliver.deliver(resolve_build(cfg, BUILD), tiny_float_tflite, _record(cfg))
     shown = inspect_model(delivered)
     meta = shown["metadata"]
     assert meta["name"] == "digits" and meta["license"] == "Apache-2.0"
@@ -36,14 +38,14 @@ def test_delivered_model_carries_metadata_labels_and_provenance(cfg, tiny_float_
     assert {f["name"] for f in shown["packed_files"]} == {"digits.txt", "provenance.json"}
     provenance = shown["provenance"]
     assert provenance["variant"] == "static_wi8_ai8" and provenance["source_sha256"] == "ab" * 32
-    assert provenance["config_hash"] == deliver.build_hash(cfg, BUILD)
+    assert provenance["config_hash"] == deliver.build_hash(resolve_build(cfg, BUILD))
     assert set(provenance["tools"]) >= {"tensorflow", "ai-edge-litert", "litert-quantizer", "litert-pipeline"}
     assert strip_metadata(delivered) == strip_metadata(tiny_float_tflite)
 
 
 def test_delivering_twice_is_idempotent(cfg, tiny_float_tflite):
-    once = deliver.deliver(cfg, BUILD, tiny_float_tflite, _record(cfg))
-    assert deliver.deliver(cfg, BUILD, once, _record(cfg)) == once
+    once = deliver.deliver(resolve_build(cfg, BUILD), tiny_float_tflite, _record(cfg))
+    assert deliver.deliver(resolve_build(cfg, BUILD), once, _record(cfg)) == once
 
 
 def test_label_count_mismatch_names_the_full_key(cfg, tiny_float_tflite, tmp_path):
@@ -51,7 +53,7 @@ def test_label_count_mismatch_names_the_full_key(cfg, tiny_float_tflite, tmp_pat
     labels.write_text("a\nb\nc\n")
     cfg.model["digits"].metadata.outputs[0].labels = str(labels)
     with pytest.raises(ConfigError) as caught:
-        deliver.deliver(cfg, BUILD, tiny_float_tflite, _record(cfg))
+        deliver.deliver(resolve_build(cfg, BUILD), tiny_float_tflite, _record(cfg))
     assert caught.value.key == "model.digits.metadata.outputs[0].labels"
     assert "3 labels" in caught.value.message
 
@@ -59,7 +61,7 @@ def test_label_count_mismatch_names_the_full_key(cfg, tiny_float_tflite, tmp_pat
 def test_normalization_length_mismatch_names_the_full_key(cfg, tiny_float_tflite):
     cfg.model["digits"].metadata.inputs[0].mean = [0.0, 0.0]
     with pytest.raises(ConfigError) as caught:
-        deliver.deliver(cfg, BUILD, tiny_float_tflite, _record(cfg))
+        deliver.deliver(resolve_build(cfg, BUILD), tiny_float_tflite, _record(cfg))
     assert caught.value.key == "model.digits.metadata.inputs[0].mean"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 
 import numpy as np
@@ -48,7 +49,7 @@ def test_every_build_yields_a_runnable_model(repro):
 
     builds = _builds(repro)
     assert {"digits-float", "digits-dynamic_wi8_afp32", "digits-static_wi8_ai8", "digits-converter_float16"} <= set(builds)
-    samples = np.load(repro / "artifacts" / "digits" / "reference.npz")["inputs"][:1]
+    samples = np.load(repro / "artifacts" / "digits" / "reference.npz")["input:image"][:1]
     for build in builds.values():
         path = repro / "artifacts" / "digits" / "quantized" / f"{build.variant}.tflite"
         interpreter = Interpreter(model_path=str(path))
@@ -61,7 +62,7 @@ def test_every_build_yields_a_runnable_model(repro):
         (output,) = runner(**{input_name: feed}).values()
         assert output.shape == (1, 10) and np.isfinite(output).all(), build.variant
         report = json.loads((path.with_suffix(".json")).read_text())
-        assert report["size_bytes"] == path.stat().st_size
+        assert report["bytes"] == path.stat().st_size
 
 
 def test_mlflow_has_one_run_per_build_with_size_and_model(repro):
@@ -93,8 +94,9 @@ def test_second_repro_runs_nothing_and_status_is_clean(repro):
 def test_editing_one_variant_reruns_only_that_build(repro):
     params = repro / "params.yaml"
     original = params.read_text()
-    params.write_text(original.replace("    recipe: static_wi8_ai16\n    num_samples: null\n",
-                                       "    recipe: static_wi8_ai16\n    num_samples: 50\n"))
+    edited = re.sub(r"(  static_wi8_ai16:\n(    .*\n)*?    num_samples:) null\n", r"\1 50\n", original)
+    assert edited != original
+    params.write_text(edited)
     try:
         status = json.loads(run_cli("dvc", "status", "--json", cwd=repro).stdout)
         # Only that build's stages: quantize, and metadata whose provenance names the variant config;

@@ -103,7 +103,7 @@ def _single_image_predictions(function: Callable[[Any], Any], images: np.ndarray
 
 def test_concrete_factory_inference_mode_is_accurate(concrete_weights: str) -> None:
     data = examples.digits_split()
-    (function,) = examples.digits_concrete_functions(concrete_weights)
+    (function,), _ = examples.digits_concrete_functions(concrete_weights)
     predictions = _single_image_predictions(function, data.x_eval)
     accuracy = _accuracy(predictions, data.y_eval)
     assert accuracy >= 0.9
@@ -113,8 +113,8 @@ def test_concrete_factory_inference_mode_is_accurate(concrete_weights: str) -> N
 
 def test_concrete_factory_training_mode_breaks_single_image_batches(concrete_weights: str) -> None:
     data = examples.digits_split()
-    (inference,) = examples.digits_concrete_functions(concrete_weights, training=False)
-    (training,) = examples.digits_concrete_functions(concrete_weights, training=True)
+    (inference,), _ = examples.digits_concrete_functions(concrete_weights, training=False)
+    (training,), _ = examples.digits_concrete_functions(concrete_weights, training=True)
     expected = _single_image_predictions(inference, data.x_eval)
     broken = _single_image_predictions(training, data.x_eval)
     assert np.abs(expected - broken).max() > 0.5
@@ -196,8 +196,8 @@ def test_digits_concrete_converts_in_both_modes(built: dict[str, Path]) -> None:
     data = examples.digits_split()
     accuracies = {}
     for training in (False, True):
-        functions = examples.digits_concrete_functions(weights, training=training)
-        litert = _to_litert(tf.lite.TFLiteConverter.from_concrete_functions(functions))
+        functions, owner = examples.digits_concrete_functions(weights, training=training)
+        litert = _to_litert(tf.lite.TFLiteConverter.from_concrete_functions(functions, owner))
         probabilities = _run_litert(litert, data.x_eval, batch_size=1)
         assert np.isfinite(probabilities).all()
         accuracies[training] = _accuracy(probabilities, data.y_eval)

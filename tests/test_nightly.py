@@ -9,10 +9,11 @@ import json
 import pytest
 
 from pipeline import config, nightly, registry, repro
-from pipeline.errors import EXIT_GATE, EXIT_INTERNAL, EXIT_OK
+from pipeline.build import resolve_build
+from pipeline.errors import EXIT_CONFIG, EXIT_GATE, EXIT_INTERNAL, EXIT_OK, EXIT_OUTPUT
 from pipeline.io import write_json
 from pipeline.metadata import inspect_model
-from pipeline.validate import validation_json
+from pipeline.layout import BuildPaths
 from tests.conftest import ROOT, copy_project, only_builds, run_cli
 
 VARIANTS = ("float", "dynamic_wi8_afp32")
@@ -25,7 +26,7 @@ def cfg(tmp_path, monkeypatch):
 
 
 def _report(variant: str, passed: bool = True) -> None:
-    write_json(validation_json("digits", variant), {
+    write_json(BuildPaths.of("digits", variant).validation_json, {
         "passed": passed, "failures": [] if passed else ["accuracy_drop 0.1 > 0.02"], "model_sha256": "ab",
         "metrics": {"accuracy": 0.9, "size_ratio": 0.5}})
 
@@ -60,25 +61,27 @@ def test_ancestors_follow_the_graph_to_its_roots():
 ])
 def test_each_build_gets_a_verdict_from_its_report_and_the_stages_it_depends_on(cfg, stale, passed, status, note):
     _report("float", passed)
-    result = nightly.classify(cfg, "digits-float", stale, UPSTREAM)
+    result = nightly.classify(resolve_build(cfg, "digits-float"), stale, UPSTREAM)
     assert (result.status, result.registered_model) == (status, "vision.digits")
     assert note in result.note
     assert result.failures == ([] if passed else ["accuracy_drop 0.1 > 0.02"])
 
 
 def test_a_build_without_a_report_did_not_build(cfg):
-    assert nightly.classify(cfg, "digits-float", set(), UPSTREAM).status == "not_built"
+    assert nightly.classify(resolve_build(cfg, "digits-float"), set(), UPSTREAM).status == "not_built"
 
 
-def test_exit_codes_put_failures_before_dvc_errors_before_regressions(cfg):
+def test_exit_codes_put_the_most_severe_stage_failure_before_gates_before_regressions(cfg):
     def results(*statuses):
         return [nightly.BuildResult(f"b{i}", "m", "v", s, "t.m") for i, s in enumerate(statuses)]
 
-    assert nightly.exit_code(results("passed", "passed"), 0) == EXIT_OK
+    assert nightly.exit_code(results("passed", "passed", "unverified"), 0) == EXIT_OK
     assert nightly.exit_code(results("passed", "regressed"), 0) == nightly.EXIT_REGRESSION
-    assert nightly.exit_code(results("regressed", "not_built"), 1) == EXIT_GATE
+    assert nightly.exit_code(results("regressed", "not_built"), EXIT_GATE) == EXIT_GATE
     assert nightly.exit_code(results("regressed", "failed"), 0) == EXIT_GATE
-    assert nightly.exit_code(results("regressed"), 1) == EXIT_INTERNAL
+    assert nightly.exit_code(results("regressed", "not_built"), EXIT_CONFIG) == EXIT_CONFIG  # a config beats a gate
+    assert nightly.exit_code(results("failed"), EXIT_OUTPUT) == EXIT_OUTPUT
+    assert nightly.exit_code(results("regressed"), EXIT_INTERNAL) == EXIT_INTERNAL
 
 
 def test_the_summary_names_each_regressed_metric():
@@ -87,7 +90,7 @@ def test_the_summary_names_each_regressed_metric():
     build = nightly.BuildResult("digits-float", "digits", "float", "regressed", "vision.digits",
                                 metrics={"accuracy": 0.97}, version=3, production_version=1, changes=changes)
     summary = {"name": "nightly", "started": "2026-01-01 02:30 UTC", "exit_code": nightly.EXIT_REGRESSION,
-               "dvc_repro_exit_code": 0, "git_commit": "c0ffee", "parent_run_id": "r1",
+               "stages_exit_code": 0, "git_commit": "c0ffee", "parent_run_id": "r1",
                "tracking_uri": "sqlite:///m.db", "builds": [dataclasses.asdict(build)]}
     markdown = nightly.to_markdown(summary)
     assert markdown.startswith("# nightly 2026-01-01 02:30 UTC: FAILED (exit 6)\n")

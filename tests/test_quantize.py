@@ -60,7 +60,7 @@ def float_model(make_converter) -> bytes:
 @pytest.fixture(scope="module")
 def samples() -> Samples:
     inputs = np.random.default_rng(0).uniform(size=(16, *INPUT_SHAPE)).astype(np.float32)
-    return Samples(inputs=inputs, labels=None)
+    return Samples({"image": inputs})
 
 
 def run(model: bytes, x: np.ndarray) -> tuple[np.ndarray, np.dtype]:
@@ -125,7 +125,7 @@ def test_variant_runs_is_smaller_and_deterministic(variant, max_ratio, float_mod
 
     assert first.model == again.model, "same inputs must give byte-identical models"
     assert len(first.model) <= max_ratio * len(float_model)
-    x = samples.inputs[:1]
+    x = samples.inputs["image"][:1]
     output, input_dtype = run(first.model, x)
     assert output.shape == (1, NUM_CLASSES) and np.isfinite(output).all()
     assert input_dtype == np.dtype(variant.inference_input_type.value)
@@ -262,7 +262,7 @@ def test_litert_backend_does_not_import_tensorflow(float_model, tmp_path):
         "from pipeline.datasets import Samples\n"
         "from pipeline.quantize import quantize\n"
         "variant = QuantizationConfig(backend=Backend.litert_quantizer, recipe='static_wi8_ai8')\n"
-        f"samples = Samples(inputs=np.ones((2, *{INPUT_SHAPE}), np.float32), labels=None)\n"
+        f"samples = Samples({{'image': np.ones((2, *{INPUT_SHAPE}), np.float32)}})\n"
         f"quantize(pathlib.Path({str(model)!r}).read_bytes(), variant, samples=samples, make_converter=None)\n"
         "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\n"
     )

@@ -8,11 +8,11 @@ import shutil
 
 import pytest
 
-from pipeline import config, deliver, paths, registry, tracking
+from pipeline import config, deliver, registry, tracking
+from pipeline.build import resolve_build
 from pipeline.errors import InputError
 from pipeline.io import sha256_bytes, write_bytes, write_json
 from pipeline.metadata import inspect_model
-from pipeline.validate import validation_json
 from tests.conftest import ROOT, run_cli
 
 NAME = "vision.digits"
@@ -37,26 +37,26 @@ def cfg(workdir):
 def deliver_build(cfg, build, model: bytes, accuracy: float = 0.97):
     """What the metadata and validate stages leave for a passing build: the delivered model with
     its provenance, and a validation report on those bytes."""
-    name, _ = cfg.model_of(build)
-    variant = cfg.build[build].variant
+    resolved = resolve_build(cfg, build)
     record = deliver.provenance(
-        cfg, build, convert_info={"source_sha256": "ab" * 32, "conversion_path": "from_saved_model"},
-        quantize_info={"representative_sha256": "cd" * 32, "representative_samples": 200}, git_commit="c0ffee")
-    delivered = deliver.deliver(cfg, build, model, record)
-    model_file = write_bytes(paths.delivered_model(name, variant), delivered)
+        resolved, convert_info={"source_sha256": "ab" * 32, "conversion_path": "from_saved_model"},
+        quantize_info={"representative_sha256": "cd" * 32, "representative_samples": 200}, git_commit="c0ffee",
+        experiment=cfg.tracking.experiment)
+    delivered = deliver.deliver(resolved, model, record)
+    model_file = write_bytes(resolved.paths.delivered, delivered)
     metrics = {"accuracy": accuracy, "source_accuracy": 0.98, "accuracy_drop": 0.98 - accuracy, "cosine": 0.999,
                "snr_db": 30.0, "size_bytes": len(delivered), "size_ratio": 1.0, "latency_median_ms": 0.01}
     report = {"passed": True, "failures": [], "model_sha256": sha256_bytes(delivered), "metrics": metrics}
-    report_file = write_json(validation_json(name, variant), report)
+    report_file = write_json(resolved.paths.validation_json, report)
     return model_file, report_file
 
 
 def log_validate(cfg, build, model_file, report_file, parent=""):
-    name, model = cfg.model_of(build)
+    resolved = resolve_build(cfg, build)
     return tracking.log_stage(cfg.tracking, tracking.StageRecord(
-        model=name, variant=cfg.build[build].variant, stage="validate", team=model.team, parent=parent,
-        config=tracking.build_config(cfg, build), artifacts=[report_file],
-        registration=registry.registration(cfg, build, model_file, report_file)))
+        model=resolved.model.name, variant=resolved.variant_name, stage="validate", team=resolved.team, parent=parent,
+        config=tracking.build_config(resolved), artifacts=[report_file],
+        registration=registry.registration(resolved, model_file, report_file)))
 
 
 def test_a_passing_build_is_registered_once_with_lineage_from_its_bytes(cfg, tiny_float_tflite, tmp_path):
@@ -85,6 +85,18 @@ def test_a_passing_build_is_registered_once_with_lineage_from_its_bytes(cfg, tin
     mlflow.artifacts.download_artifacts(f"models:/{NAME}@candidate-float", dst_path=str(tmp_path / "down"))
     assert (tmp_path / "down" / "float.tflite").read_bytes() == model_file.read_bytes()
     assert json.loads((tmp_path / "down" / "validation.json").read_text()) == report
+
+
+def test_an_unverified_build_is_registered_tagged_and_never_aliased(cfg, tiny_float_tflite):
+    model_file, report_file = deliver_build(cfg, "digits-float", tiny_float_tflite)
+    report = json.loads(report_file.read_text())
+    write_json(report_file, {**report, "verification": "unverified"})  # select TF ops, accepted by its gate set
+    log_validate(cfg, "digits-float", model_file, report_file)
+    (version,) = tracking.list_versions(cfg.tracking, NAME)
+    assert version["aliases"] == []
+    assert version["tags"]["litert.validation"] == "unverified"
+    assert version["description"].startswith("digits / float") and "UNVERIFIED" in version["description"]
+    assert tracking.promote(cfg.tracking, NAME, 1, "production") == "production-float"  # a person may
 
 
 def test_new_bytes_make_a_new_candidate_and_promotion_moves_production(cfg, tiny_float_tflite, workdir):
@@ -117,14 +129,14 @@ def test_only_a_passing_report_on_the_same_bytes_registers(cfg, tiny_float_tflit
     report = json.loads(report_file.read_text())
     write_json(report_file, {**report, "model_sha256": "0" * 64})
     with pytest.raises(InputError, match="run its validate stage again"):
-        registry.registration(cfg, "digits-float", model_file, report_file)
+        registry.registration(resolve_build(cfg, "digits-float"), model_file, report_file)
     write_json(report_file, {**report, "passed": False})
     with pytest.raises(InputError, match="failed validation"):
-        registry.registration(cfg, "digits-float", model_file, report_file)
+        registry.registration(resolve_build(cfg, "digits-float"), model_file, report_file)
     # A model validated before the metadata stage has no provenance: not a deliverable.
     bare = write_bytes(model_file, tiny_float_tflite)
     write_json(report_file, {**report, "model_sha256": sha256_bytes(tiny_float_tflite)})
-    assert registry.registration(cfg, "digits-float", bare, report_file) is None
+    assert registry.registration(resolve_build(cfg, "digits-float"), bare, report_file) is None
 
 
 def test_regressions_respect_each_metrics_direction_and_tolerance():

@@ -7,9 +7,9 @@ import pytest
 
 from pipeline.config import ConversionConfig, DataRef, ModelConfig, OpsSet, SourceConfig, SourceFormat
 from pipeline.convert import convert_float
-from pipeline.datasets import Samples
+from pipeline.datasets import ONLY, Samples, bind
 from pipeline.errors import ConfigError, GateError, InputError
-from pipeline.evaluate import evaluate
+from pipeline.evaluate import BUILTIN_PATHS, Evaluation, evaluate, host_support
 from pipeline.sources import load_source, resolve_factory
 from pipeline.tflite_model import op_uses
 from tests.conftest import tiny_keras_model
@@ -36,7 +36,12 @@ def model_config(fmt: SourceFormat, path, **source) -> ModelConfig:
     )
 
 
-SAMPLES = Samples(np.random.default_rng(0).uniform(size=(4, 8, 8, 1)).astype(np.float32), np.arange(4))
+IMAGES = np.random.default_rng(0).uniform(size=(4, 8, 8, 1)).astype(np.float32)
+
+
+def evaluate_source(source, cfg, samples, converted) -> Evaluation:
+    bound = bind(samples, source.inputs, source.outputs, key="dataset.d")
+    return evaluate(source, "m", bound, op_uses(converted.model), source_path=cfg.source.path, flags={})
 
 
 @pytest.mark.parametrize(
@@ -56,9 +61,9 @@ def test_formats_convert_and_match_keras(sources, fmt, file, path_name):
     converted = convert_float(source, cfg, "m")
     assert converted.info["conversion_path"] == path_name
     assert {u.name for u in op_uses(converted.model)} >= {"CONV_2D", "FULLY_CONNECTED"}
-    result = evaluate(source, cfg, "m", SAMPLES, converted.model)
+    result = evaluate_source(source, cfg, Samples({ONLY: IMAGES}, {ONLY: np.arange(4)}), converted)
     (outputs,) = result.reference_outputs.values()
-    np.testing.assert_allclose(outputs, keras_model(SAMPLES.inputs).numpy(), atol=1e-5)
+    np.testing.assert_allclose(outputs, keras_model(IMAGES).numpy(), atol=1e-5)
     assert {op["name"] for op in result.report["ops"]["used"]} >= {"CONV_2D", "FULLY_CONNECTED"}
 
 
@@ -69,13 +74,13 @@ def test_concrete_function_factory(sources, tmp_path):
     cfg = model_config(
         SourceFormat.concrete_function, weights, factory="tests.test_sources:tiny_concrete_functions"
     )
-    with pytest.raises(ConfigError, match="outside the project"):
+    with pytest.raises(ConfigError, match="without trust"):
         load_source(cfg, "m")
     cfg.source.trusted = True
     source = load_source(cfg, "m")
     assert source.conversion_path == "from_concrete_functions"
-    (outputs,) = source.call({source.inputs[0].name: SAMPLES.inputs}).values()
-    np.testing.assert_allclose(outputs, keras_model(SAMPLES.inputs).numpy(), atol=1e-5)
+    (outputs,) = source.call({source.inputs[0].name: IMAGES}).values()
+    np.testing.assert_allclose(outputs, keras_model(IMAGES).numpy(), atol=1e-5)
     assert convert_float(source, cfg, "m").model[4:8] == b"TFL3"
 
 
@@ -103,10 +108,9 @@ def test_select_tf_ops_are_named_with_the_key_that_allows_them(tmp_path):
     )
     cfg.conversion = ConversionConfig(ops=[OpsSet.builtins, OpsSet.select_tf_ops])
     converted = convert_float(source, cfg, "m")
-    samples = Samples(np.eye(3, dtype=np.float32)[None].repeat(2, 0), None)
-    result = evaluate(source, cfg, "m", samples, converted.model)
+    result = evaluate_source(source, cfg, Samples({"x": np.eye(3, dtype=np.float32)[None].repeat(2, 0)}), converted)
     assert {op["kind"] for op in result.report["ops"]["used"]} >= {"select_tf"}
-    assert result.report["ops"]["allowed"] == ["builtins", "select_tf_ops"]
+    assert result.report["host"]["select_tf_ops"] == ["FlexMatrixDeterminant"]
 
 
 def test_bad_sources_fail_with_one_line(tmp_path, sources):
@@ -137,7 +141,55 @@ def test_untrusted_lambda_layer_is_refused(tmp_path):
 def test_factory_references_resolve_only_inside_the_project():
     with pytest.raises(ConfigError, match="not 'module:function'"):
         resolve_factory("pipeline.examples", trusted=False, key="k")
-    with pytest.raises(ConfigError, match="outside the project"):
+    with pytest.raises(ConfigError, match="without trust"):
         resolve_factory("os:system", trusted=False, key="k")
+    with pytest.raises(ConfigError, match="without trust"):  # a project function is not a factory
+        resolve_factory("pipeline.io:write_text", trusted=False, key="k")
     with pytest.raises(ConfigError, match="has no function"):
-        resolve_factory("pipeline.config:nothing_here", trusted=False, key="k")
+        resolve_factory("pipeline.config:nothing_here", trusted=True, key="k")
+
+
+def test_keras_inputs_are_fed_and_outputs_named_by_name_in_any_order(tmp_path):
+    """Two inputs declared in non-alphabetical order, two list outputs: the signature and the
+    reference outputs use the model's own names, and each input gets its own array."""
+    image = keras.Input((4, 4, 1), name="image")
+    features = keras.Input((3,), name="features")
+    x = keras.layers.Concatenate()([keras.layers.Flatten()(image), features * 100.0])
+    outputs = [keras.layers.Dense(5, activation="softmax", name="label")(x), keras.layers.Dense(1, name="score")(x)]
+    model = keras.Model([image, features], outputs)
+    model.save(tmp_path / "two.keras")
+    cfg = model_config(SourceFormat.keras, tmp_path / "two.keras")
+    source = load_source(cfg, "m")
+    assert {t.name for t in source.inputs} == {"image", "features"}
+    assert {t.name for t in source.outputs} == {"label", "score"}
+    rng = np.random.default_rng(0)
+    feed = {"image": rng.uniform(size=(2, 4, 4, 1)).astype(np.float32),
+            "features": rng.uniform(size=(2, 3)).astype(np.float32)}
+    got = source.call(feed)
+    expected = model([feed["image"], feed["features"]])
+    np.testing.assert_allclose(got["label"], expected[0], atol=1e-6)
+    np.testing.assert_allclose(got["score"], expected[1], atol=1e-5)
+    from ai_edge_litert.interpreter import Interpreter
+
+    signature = Interpreter(model_content=convert_float(source, cfg, "m").model).get_signature_list()
+    assert signature == {"serving_default": {"inputs": ["features", "image"], "outputs": ["label", "score"]}}
+
+
+@pytest.mark.parametrize("unroll", [False, True])
+def test_keras_recurrent_layers_need_unroll_for_builtin_ops(tmp_path, unroll):
+    """The measurement behind evaluate's hint (TensorFlow 2.21, Keras 3): an LSTM converts with
+    builtin ops only when unrolled; otherwise its TensorList ops need select TF ops."""
+    inputs = keras.Input((6, 4), name="rows")
+    model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.LSTM(8, unroll=unroll)(inputs)))
+    model.save(tmp_path / "lstm.keras")
+    cfg = model_config(SourceFormat.keras, tmp_path / "lstm.keras")
+    source = load_source(cfg, "m")
+    if unroll:
+        assert {u.kind for u in op_uses(convert_float(source, cfg, "m").model)} == {"builtin"}
+        return
+    with pytest.raises(GateError) as failure:
+        convert_float(source, cfg, "m")
+    assert "FlexTensorListReserve" in failure.value.message and "unroll=True" in failure.value.message
+    cfg.conversion = ConversionConfig(ops=[OpsSet.builtins, OpsSet.select_tf_ops])
+    host = host_support(op_uses(convert_float(source, cfg, "m").model))
+    assert not host["executable_on_host"] and host["builtin_paths"] == [BUILTIN_PATHS["TensorList"]]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from pipeline.build import resolve_build
 from pipeline import tracking
 from pipeline.config import TrackingConfig
 from pipeline.errors import ConfigError, TrackingError
@@ -75,7 +76,7 @@ def test_every_run_carries_the_build_context_and_its_whole_config(store, monkeyp
 
     monkeypatch.setenv("DVC_STAGE", "validate@digits-float")
     cfg = config.load(ROOT / "params.yaml")
-    resolved = tracking.build_config(cfg, "digits-float")
+    resolved = tracking.build_config(resolve_build(cfg, "digits-float"))
     extra = {f"p{i}": i for i in range(60)}  # with the config, more than one log_batch takes
     record = tracking.StageRecord(model="digits", variant="float", stage="validate", team="vision",
                                   config=resolved, params=extra)

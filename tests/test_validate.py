@@ -28,7 +28,7 @@ NO_GATES = ValidationConfig(latency_runs=5, warmup_runs=1)
 def draw(rng: np.random.Generator, centers: np.ndarray, count: int) -> Samples:
     labels = rng.integers(0, CLASSES, count)
     inputs = centers[labels] + rng.normal(size=(count, FEATURES))
-    return Samples(inputs.astype(np.float32), labels)
+    return Samples({"features": inputs.astype(np.float32)}, {"output_0": labels})
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def keras_model(data):
     ])
     model.compile(optimizer=keras.optimizers.Adam(0.01), loss="sparse_categorical_crossentropy")
     train, _ = data
-    model.fit(train.inputs, train.labels, epochs=8, batch_size=64, verbose=0)
+    model.fit(train.inputs["features"], train.labels["output_0"], epochs=8, batch_size=64, verbose=0)
     return model
 
 
@@ -61,7 +61,7 @@ def keras_model(data):
 def reference(keras_model, data) -> dict[str, np.ndarray]:
     """The source's outputs in inference mode, named as the evaluate stage names them."""
     _, evaluation = data
-    return {"output_0": np.asarray(keras_model(evaluation.inputs, training=False))}
+    return {"output_0": np.asarray(keras_model(evaluation.inputs["features"], training=False))}
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +118,8 @@ def select_ops_model() -> tuple[bytes, Samples, dict[str, np.ndarray]]:
 
     converter = tf.lite.TFLiteConverter.from_concrete_functions([serve.get_concrete_function()])
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS, tf.lite.OpsSet.SELECT_TF_OPS]
-    samples = Samples(np.random.default_rng(1).normal(size=(8, FEATURES)).astype(np.float32), None)
-    return converter.convert(), samples, {"output_0": serve(samples.inputs).numpy()}
+    samples = Samples({"features": np.random.default_rng(1).normal(size=(8, FEATURES)).astype(np.float32)})
+    return converter.convert(), samples, {"output_0": serve(samples.inputs["features"]).numpy()}
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +130,7 @@ def int8_model(float_model, data) -> bytes:
     variant = QuantizationConfig(backend=Backend.litert_quantizer, recipe="static_wi8_ai8",
                                  inference_input_type=IoType.int8, inference_output_type=IoType.int8)
     train, _ = data
-    return quantize(float_model, variant, samples=Samples(train.inputs[:128], None), make_converter=None).model
+    return quantize(float_model, variant, samples=train.take(slice(0, 128)), make_converter=None).model
 
 
 def target_runtime(kind: str = "litert", min_runtime_version: str = "") -> RuntimeConfig:
@@ -198,8 +198,9 @@ def test_unmeasurable_gate_fails(select_ops_model):
     model, samples, reference = select_ops_model
     result = run_validation(model, model, samples, reference, gates=ValidationConfig(min_cosine=0.9))
     (failure,) = result.failures
-    assert failure.startswith("cosine not measured (select TF ops need the Flex delegate")
-    assert failure.endswith("for min_cosine 0.9")
+    assert failure.startswith("cosine unverifiable (select TF ops FlexCosh need the Flex delegate")
+    assert "for min_cosine 0.9: set accept_unverified: true" in failure
+    assert result.report["verification"] == "unverified"
 
 
 def test_static_batch_model_runs_one_sample_at_a_time():
@@ -210,8 +211,8 @@ def test_static_batch_model_runs_one_sample_at_a_time():
         return tf.nn.relu(x) * 2.0
 
     model = tf.lite.TFLiteConverter.from_concrete_functions([serve.get_concrete_function()]).convert()
-    samples = Samples(np.random.default_rng(2).normal(size=(5, FEATURES)).astype(np.float32), None)
-    reference = {"output_0": np.maximum(samples.inputs, 0) * 2}
+    samples = Samples({"features": np.random.default_rng(2).normal(size=(5, FEATURES)).astype(np.float32)})
+    reference = {"output_0": np.maximum(samples.inputs["features"], 0) * 2}
     result = run_validation(model, model, samples, reference, gates=ValidationConfig(min_cosine=0.999))
     assert result.failures == [] and result.report["run"]["batch_size"] == 1
 
@@ -244,7 +245,7 @@ def test_int8_io_model_is_quantized_and_dequantized(int8_model, float_model, dat
     _, evaluation = data
     result = run_validation(int8_model, float_model, evaluation, reference, gates=GATES)
     metrics = result.report["metrics"]
-    assert result.report["run"]["input_dtype"] == "int8"
+    assert result.report["run"]["input_dtypes"] == {"features": "int8"}
     assert result.failures == [], result.failures
     assert metrics["cosine"] > 0.99 and abs(metrics["accuracy_drop"]) <= 0.02
     layers = result.report["layer_errors"]
@@ -260,15 +261,15 @@ model:
     team: tests
     source: {{path: missing}}
     representative: {{dataset: noise}}
-    evaluation: {{dataset: noise}}
+    evaluation: {{dataset: noise, allow_overlap: true}}
     runtime: cpu
     validation: classifier
 build:
   tiny-float: {{model: tiny, variant: float}}
 quantization:
   float: {{backend: none}}
-generator:
-  noise: {{shape: [{features}]}}
+dataset:
+  noise: {{path: unused.npz, inputs_key: x, labels_key: y}}
 runtime:
   cpu: {{kind: play_services, num_threads: 1}}
 validation:
@@ -286,7 +287,8 @@ def test_stage_writes_reports_then_exits_with_every_failed_gate(
     artifacts.mkdir(parents=True)
     (artifacts / "float.tflite").write_bytes(float_model)
     (tmp_path / "broken.tflite").write_bytes(perturbed_model)
-    np.savez(artifacts / "reference.npz", inputs=evaluation.inputs, labels=evaluation.labels,
+    np.savez(artifacts / "reference.npz", **{"input:features": evaluation.inputs["features"],
+                                             "label:output_0": evaluation.labels["output_0"]},
              **{f"output:{k}": v for k, v in reference.items()})
 
     def stage(model: str) -> subprocess.CompletedProcess:

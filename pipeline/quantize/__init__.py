@@ -16,19 +16,30 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from pipeline.config import Backend, QuantizationConfig
 from pipeline.datasets import Samples
+from pipeline.errors import ConfigError
 from pipeline.quantize import converter, litert
 from pipeline.quantize.litert import calibrate, load_recipe, uses_shared_calibration
+from pipeline.tflite_model import select_tf_ops
 
 if TYPE_CHECKING:
     import tensorflow as tf
 
-__all__ = ["QuantizedModel", "calibrate", "load_recipe", "needs_calibration", "quantize", "uses_shared_calibration"]
+__all__ = ["QuantizedModel", "calibrate", "check_runs_on_host", "load_recipe", "needs_calibration", "quantize", "uses_shared_calibration"]
 
 
 @dataclass(frozen=True)
 class QuantizedModel:
     model: bytes
     info: dict[str, Any]  # JSON-able provenance: backend, recipe/mode, calibration, sizes, versions
+
+
+def check_runs_on_host(float_model: bytes, *, key: str) -> None:
+    """Calibration runs the model: refuse, before any work, one that needs select TF ops."""
+    flex = select_tf_ops(float_model)
+    if flex:
+        raise ConfigError(f"calibrates by running the model, whose select TF ops ({', '.join(flex)}) this host "
+                          "cannot run (no Flex delegate): build this model with a variant that does not calibrate "
+                          "(float, dynamic, weight-only, float16)", key=key)
 
 
 def needs_calibration(variant: QuantizationConfig, *, key: str = "quantization") -> bool:
@@ -55,6 +66,8 @@ def quantize(
     model's configured TFLiteConverter (converter backend only).
     """
     start = time.perf_counter()
+    if needs_calibration(variant, key=key):
+        check_runs_on_host(float_model, key=key)
     if variant.backend is Backend.none:
         model, info = float_model, {}
     elif variant.backend is Backend.litert_quantizer:

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from pipeline.config import ConverterMode, IoType, QuantizationConfig
 from pipeline.datasets import Samples
-from pipeline.errors import ConfigError, PipelineError, first_line
+from pipeline.errors import ConfigError, GateError, PipelineError, first_line
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -69,10 +69,15 @@ def quantize(
         converter.target_spec.supported_ops = [integer_ops, *select_ops]
         converter.inference_input_type = tf.as_dtype(variant.inference_input_type.value)
         converter.inference_output_type = tf.as_dtype(variant.inference_output_type.value)
+    from pipeline.convert import (
+        native_stderr_held,  # a failed conversion's MLIR dump: the one line says it
+    )
+
     try:
-        model = converter.convert()
+        with native_stderr_held():
+            model = converter.convert()
     except Exception as exc:  # ConverterError, ValueError, RuntimeError... with multi-line text
-        raise PipelineError(f"TFLiteConverter failed: {type(exc).__name__}: {first_line(exc)}", key=key) from exc
+        raise GateError(f"TFLiteConverter failed: {type(exc).__name__}: {first_line(exc)}", key=key) from exc
 
     info = {
         "mode": mode.value,
@@ -86,6 +91,7 @@ def quantize(
     return model, info
 
 
-def _representative_dataset(samples: Samples) -> Iterator[list[np.ndarray]]:
-    for sample in tqdm(samples.inputs, desc="calibrating (converter)", unit="sample"):
-        yield [sample[np.newaxis].astype(np.float32)]
+def _representative_dataset(samples: Samples) -> Iterator[dict[str, np.ndarray]]:
+    """Samples by input name, in the dtypes the model takes (token ids stay integers)."""
+    for index in tqdm(range(len(samples)), desc="calibrating (converter)", unit="sample"):
+        yield samples.sample(index)

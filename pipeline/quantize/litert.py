@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from pipeline.config import LITERT_RECIPES, Backend, IoType, QuantizationConfig
 from pipeline.datasets import Samples
-from pipeline.errors import ConfigError, InputError, PipelineError, first_line
+from pipeline.errors import ConfigError, GateError, InputError, first_line
 
 Recipe = list[dict[str, Any]]
 
@@ -136,7 +136,7 @@ def quantize(
     try:
         result = Quantizer(float_model, recipe).quantize(qsvs, enable_progress_report=False)
     except Exception as exc:  # the quantizer reports unsupported models/configs in many types
-        raise PipelineError(f"LiteRT Quantizer failed: {_describe(exc)}", key=key) from exc
+        raise GateError(f"LiteRT Quantizer failed: {_describe(exc)}", key=key) from exc
     return bytes(result.quantized_model), info
 
 
@@ -173,37 +173,29 @@ def _io_entries(variant: QuantizationConfig) -> Recipe:
 def _run_calibration(
     float_model: bytes, samples: Samples, manager: recipe_manager.RecipeManager, *, key: str
 ) -> dict[str, Any]:
-    """Run every sample (batch of 1) through each signature, accumulating min/max per tensor."""
-    inputs = _signature_inputs(float_model, key=key)
+    """Run every sample (a batch of one, by input name) through each signature it feeds,
+    accumulating min/max per tensor."""
+    signatures = _signatures_fed(float_model, samples, key=key)
     try:
         model_calibrator = calibrator.Calibrator(float_model)
-        for sample in tqdm(samples.inputs, desc="calibrating", unit="sample"):
-            batch = {
-                signature: [{name: sample[np.newaxis].astype(dtype)}] for signature, (name, dtype) in inputs.items()
-            }
-            model_calibrator.calibrate(batch, manager)
+        for index in tqdm(range(len(samples)), desc="calibrating", unit="sample"):
+            model_calibrator.calibrate({signature: [samples.sample(index)] for signature in signatures}, manager)
     except Exception as exc:  # interpreter errors (shape mismatch...) come as RuntimeError/ValueError
-        raise PipelineError(f"LiteRT Quantizer calibration failed: {_describe(exc)}", key=key) from exc
+        raise GateError(f"LiteRT Quantizer calibration failed: {_describe(exc)}", key=key) from exc
     return model_calibrator.get_model_qsvs()
 
 
-def _signature_inputs(float_model: bytes, *, key: str) -> dict[str, tuple[str, np.dtype]]:
-    """Each signature's input name and dtype: samples feed models with one input."""
+def _signatures_fed(float_model: bytes, samples: Samples, *, key: str) -> list[str]:
+    """The signatures whose inputs are exactly the samples' inputs."""
     try:
         interpreter = Interpreter(model_content=float_model)
     except ValueError as exc:
         raise InputError(f"the float model does not load: {_describe(exc)}", key=key) from None
-    inputs = {}
-    for signature in interpreter.get_signature_list():
-        details = interpreter.get_signature_runner(signature).get_input_details()
-        if len(details) != 1:
-            message = f"signature '{signature}' has {len(details)} inputs; calibration samples feed one"
-            raise InputError(message, key=key)
-        ((name, detail),) = details.items()
-        inputs[signature] = (name, detail["dtype"])
-    if not inputs:
-        raise InputError("the float model has no signature to calibrate", key=key)
-    return inputs
+    names = set(samples.inputs)
+    fed = [signature for signature, io in interpreter.get_signature_list().items() if set(io["inputs"]) == names]
+    if not fed:
+        raise InputError(f"no signature of the float model takes the inputs {', '.join(sorted(names))}", key=key)
+    return fed
 
 
 def _qsvs_from_json(

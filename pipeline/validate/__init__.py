@@ -1,7 +1,8 @@
 """Validate a LiteRT model against its TensorFlow source, its size and latency budget, and
 its target runtime; every enabled gate is checked and every failure reported.
 
-Needs no TensorFlow: models run in the LiteRT interpreter (`ai_edge_litert`).
+Needs no TensorFlow: models run in the LiteRT interpreter (`ai_edge_litert`). Outputs are
+compared one by one, by name; the gated cosine and SNR are the worst output's.
 """
 
 from __future__ import annotations
@@ -14,27 +15,26 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import paths
-from pipeline.config import PipelineConfig, RuntimeConfig, ValidationConfig
+from pipeline.build import Build
+from pipeline.config import RuntimeConfig, ValidationConfig
 from pipeline.datasets import Samples
 from pipeline.errors import ConfigError, InputError, first_line
-from pipeline.evaluate import load_reference, top1_accuracy
-from pipeline.sources import resolve_factory
+from pipeline.evaluate import accuracies, load_reference
 from pipeline.io import read_bytes
-from pipeline.tflite_model import parse
+from pipeline.sources import resolve_factory, served_signature
+from pipeline.tflite_model import parse, select_tf_ops
 from pipeline.validate.layers import MAX_SAMPLES as LAYER_SAMPLES
 from pipeline.validate.layers import LayerError, layer_errors, to_csv
 from pipeline.validate.metrics import GATED_METRICS, check_gates, compare, match_outputs
-from pipeline.validate.report import layer_errors_csv, report_dir, to_markdown, validation_json, validation_markdown
+from pipeline.validate.report import to_markdown
 from pipeline.validate.runner import latency_ms, run_samples
 from pipeline.validate.runtime import check_runtime, is_version
 
-__all__ = [
-    "LayerError", "Validation", "default_model_path", "layer_errors_csv", "report_dir", "to_csv", "to_markdown",
-    "validate", "validate_build", "validation_json", "validation_markdown",
-]
+__all__ = ["LayerError", "Validation", "payload_size", "to_csv", "to_markdown", "validate", "validate_build"]
 
 WORST_LAYERS = 10
+# `verification` in a report: every gate measured, or the model could not run on this host.
+VERIFIED, UNVERIFIED = "verified", "unverified"
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,15 @@ class Validation:
     @property
     def failures(self) -> list[str]:
         return self.report["failures"]
+
+
+def payload_size(model: bytes) -> int:
+    """The model without TFLITE_METADATA and packed files: what the size gate compares."""
+    from pipeline.metadata import (
+        strip_metadata,  # slow to import: only validation needs it here
+    )
+
+    return len(strip_metadata(model))
 
 
 def validate(
@@ -61,61 +70,71 @@ def validate(
 ) -> Validation:
     """Measure `model` on the evaluation `samples` against the source's `reference` outputs.
 
-    A gate whose metric cannot be measured (the model does not run, no labels...) fails:
-    an unchecked model must not pass.
+    A gate whose metric cannot be measured (no labels...) fails: an unchecked model must not
+    pass. A model that needs select TF ops cannot run here at all: its execution gates are
+    unverifiable and pass only when `gates.accept_unverified`.
     """
     runtime_report = check_runtime(model, runtime, allow_custom_ops=allow_custom_ops)
+    payload, float_payload = payload_size(model), payload_size(float_model)
     metrics: dict[str, Any] = {
         "num_samples": len(samples),
         "size_bytes": len(model),
-        "float_size_bytes": len(float_model),
-        "size_ratio": len(model) / len(float_model),
+        "payload_bytes": payload,
+        "float_payload_bytes": float_payload,
+        "size_ratio": payload / float_payload,
     }
     outputs: dict[str, dict[str, float]] = {}
     unmeasured: dict[str, str] = {}
     run_report: dict[str, Any] = {"num_threads": runtime.num_threads}
-    try:
-        run = run_samples(model, samples.inputs, num_threads=runtime.num_threads, signature_key=signature_key,
-                          desc=f"validate {name}")
-    except (RuntimeError, ValueError) as exc:  # the interpreter's errors (unresolved ops, shapes...)
-        needs_flex = any(op["kind"] == "select_tf" for op in runtime_report["ops"])
-        reason = ("select TF ops need the Flex delegate, which the ai-edge-litert interpreter does not include"
-                  if needs_flex else f"the model does not run in the LiteRT interpreter: {first_line(exc)}")
-        run_report["error"] = reason
-        unmeasured = {metric: reason for metric, _ in GATED_METRICS}
+    flex = select_tf_ops(model)
+    unverifiable = None
+    if flex:
+        unverifiable = (f"select TF ops {', '.join(flex)} need the Flex delegate, which neither ai-edge-litert nor "
+                        "TensorFlow's pip wheel ships: not executable on this host")
+        run_report["error"] = unverifiable
     else:
-        run_report.update(
-            signature=run.runner.signature,
-            batch_size=run.batch_size,
-            batch_dependent=run.batch_dependent,
-            input_dtype=str(np.dtype(run.runner.input_detail["dtype"])),
-        )
-        matched = match_outputs(run.outputs, reference)
-        outputs = {ref: compare(run.outputs[out], reference[ref]) for ref, out in matched.items()}
-        metrics["cosine"] = min(o["cosine"] for o in outputs.values())
-        metrics["snr_db"] = min(o["snr_db"] for o in outputs.values())
-        metrics["max_abs_error"] = max(o["max_abs_error"] for o in outputs.values())
-        metrics["non_finite_values"] = sum(o["non_finite_values"] for o in outputs.values())
-        if samples.labels is not None and len(matched) == 1:
-            ((ref_name, out_name),) = matched.items()
-            metrics["accuracy"] = top1_accuracy(run.outputs[out_name], samples.labels)
-            metrics["source_accuracy"] = top1_accuracy(reference[ref_name], samples.labels)
-            metrics["accuracy_drop"] = metrics["source_accuracy"] - metrics["accuracy"]
+        try:
+            run = run_samples(model, samples, num_threads=runtime.num_threads, signature_key=signature_key,
+                              desc=f"validate {name}")
+        except (RuntimeError, ValueError) as exc:  # the interpreter's errors (unresolved ops, shapes...)
+            reason = f"the model does not run in the LiteRT interpreter: {first_line(exc)}"
+            run_report["error"] = reason
+            unmeasured = {metric: reason for metric, _ in GATED_METRICS}
         else:
-            unmeasured["accuracy_drop"] = "no labels" if samples.labels is None else "top-1 needs a single output"
-        if gates.task_metric:
-            metrics.update(task_metric_scores(gates.task_metric, run.outputs, reference, matched, samples.labels))
-        metrics["latency_median_ms"], metrics["latency_p90_ms"] = latency_ms(
-            run.runner, samples.inputs[0], runs=gates.latency_runs, warmup=gates.warmup_runs
-        )
+            run_report.update(
+                signature=run.runner.signature,
+                batch_size=run.batch_size,
+                batch_dependent=run.batch_dependent,
+                input_dtypes={n: str(np.dtype(d["dtype"])) for n, d in run.runner.input_details.items()},
+            )
+            matched = match_outputs(run.outputs, reference)
+            model_outputs = {ref: run.outputs[out] for ref, out in matched.items()}
+            outputs = {ref: compare(model_outputs[ref], reference[ref]) for ref in matched}
+            metrics["cosine"] = min(o["cosine"] for o in outputs.values())
+            metrics["snr_db"] = min(o["snr_db"] for o in outputs.values())
+            metrics["max_abs_error"] = max(o["max_abs_error"] for o in outputs.values())
+            metrics["non_finite_values"] = sum(o["non_finite_values"] for o in outputs.values())
+            metrics.update(accuracy_metrics(model_outputs, reference, samples.labels, outputs))
+            if "accuracy_drop" not in metrics:
+                unmeasured["accuracy_drop"] = ("no labels" if not samples.labels
+                                               else "no output is labelled with class indices")
+            if gates.task_metric:
+                metrics.update(task_metric_scores(gates.task_metric, model_outputs, reference, samples.labels))
+            metrics["latency_median_ms"], metrics["latency_p90_ms"] = latency_ms(
+                run.runner, samples.sample(0), runs=gates.latency_runs, warmup=gates.warmup_runs
+            )
 
-    rows, reason = layer_errors(float_model, model, samples.inputs, num_threads=runtime.num_threads)
-    gate_results = check_gates(metrics, gates, unmeasured=unmeasured)
+    if unverifiable:
+        rows, reason = [], unverifiable
+    else:
+        rows, reason = layer_errors(float_model, model, samples, num_threads=runtime.num_threads)
+    gate_results = check_gates(metrics, gates, unmeasured=unmeasured, unverifiable=unverifiable)
     failures = [g["message"] for g in gate_results if not g["passed"]] + runtime_report["violations"]
     report = {
         "model": name,
         "model_sha256": hashlib.sha256(model).hexdigest(),
         "passed": not failures,
+        "verification": UNVERIFIED if unverifiable else VERIFIED,
         "failures": failures,
         "metrics": metrics,
         "outputs": outputs,
@@ -133,55 +152,64 @@ def validate(
     return Validation(report, rows)
 
 
+def accuracy_metrics(model_outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray],
+                     labels: dict[str, np.ndarray], outputs: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Top-1 accuracy of each class-labelled output, added to its row in `outputs`; the metrics
+    are the worst output's (the largest drop), so one gate covers every head."""
+    model_accuracy, source_accuracy = accuracies(model_outputs, labels), accuracies(reference, labels)
+    drops = {}
+    for output, value in model_accuracy.items():
+        outputs[output].update(accuracy=value, source_accuracy=source_accuracy[output],
+                               accuracy_drop=source_accuracy[output] - value)
+        drops[output] = source_accuracy[output] - value
+    if not drops:
+        return {}
+    worst = max(sorted(drops), key=lambda output: drops[output])
+    return {"accuracy": model_accuracy[worst], "source_accuracy": source_accuracy[worst], "accuracy_drop": drops[worst]}
+
+
 def task_metric_scores(
     reference_name: str,
     outputs: dict[str, np.ndarray],
     reference: dict[str, np.ndarray],
-    matched: dict[str, str],
-    labels: np.ndarray | None,
+    labels: dict[str, np.ndarray],
 ) -> dict[str, float]:
-    """The user's metric on the source's and the model's outputs, and its drop."""
+    """The user's metric on the source's and the model's outputs (dicts keyed by output name,
+    with the labels keyed the same way), and its drop."""
     metric = resolve_factory(reference_name, trusted=False, key="validation.task_metric")
-    ordered = [(reference[ref], outputs[out]) for ref, out in matched.items()]
-    source = [r for r, _ in ordered]
-    model = [o for _, o in ordered]
-    unpack = (lambda values: values[0]) if len(ordered) == 1 else (lambda values: values)
-    source_score, model_score = float(metric(unpack(source), labels)), float(metric(unpack(model), labels))
+    try:
+        source_score, model_score = float(metric(reference, labels)), float(metric(outputs, labels))
+    except Exception as exc:  # a user function: its failure names the metric, not a traceback
+        raise ConfigError(f"task metric {reference_name} failed: {type(exc).__name__}: {first_line(exc)}",
+                          key="validation.task_metric") from None
     return {"source_task_metric": source_score, "task_metric": model_score,
             "task_metric_drop": source_score - model_score}
 
 
-def default_model_path(model: str, variant: str) -> Path:
-    """The delivered model (with metadata) when the metadata stage made it, else the quantized one."""
-    delivered = paths.delivered_model(model, variant)
-    return delivered if delivered.exists() else paths.quantized_model(model, variant)
-
-
-def validate_build(cfg: PipelineConfig, build: str, model_path: str | Path) -> Validation:
+def validate_build(build: Build, model_path: str | Path) -> Validation:
     """Validate one build's model file with the model's reference, gates and runtime."""
-    name, model = cfg.model_of(build)
-    variant = cfg.build[build].variant
-    runtime = cfg.runtime[model.runtime]
+    model = build.model
+    runtime = model.runtime
     if runtime.min_runtime_version and not is_version(runtime.min_runtime_version):
         raise ConfigError(f"'{runtime.min_runtime_version}' is not a version like 2.13.0",
-                          key=f"runtime.{model.runtime}.min_runtime_version")
-    reference_path = paths.reference_outputs(name)
+                          key=f"runtime.{model.runtime_name}.min_runtime_version")
+    reference_path = model.paths.reference
     if not reference_path.exists():
-        raise InputError("missing: run the evaluate stage first", file=str(reference_path))
+        raise InputError("missing: run the convert stage first", file=str(reference_path))
     samples, reference = load_reference(reference_path)
-    model_bytes, float_bytes = read_bytes(model_path), read_bytes(paths.float_model(name))
-    for data, path in ((model_bytes, model_path), (float_bytes, paths.float_model(name))):
+    model_bytes, float_bytes = read_bytes(model_path), read_bytes(model.paths.float_model)
+    for data, path in ((model_bytes, model_path), (float_bytes, model.paths.float_model)):
         parse(data, file=str(path))  # a corrupt model fails here, naming its file
     result = validate(
         model_bytes,
         float_model=float_bytes,
         samples=samples,
         reference=reference,
-        gates=cfg.gates(build),
+        gates=build.gates,
         runtime=runtime,
-        allow_custom_ops=model.conversion.allow_custom_ops,
-        signature_key=model.source.signature_key,
-        name=name,
+        allow_custom_ops=model.config.conversion.allow_custom_ops,
+        signature_key=served_signature(model.config.source),
+        name=model.name,
     )
-    context = {"build": build, "variant": variant, "model_path": str(model_path)}
+    context = {"build": build.name, "variant": build.variant_name, "model_path": str(model_path)}
     return replace(result, report={**context, **result.report})

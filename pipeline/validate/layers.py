@@ -16,6 +16,7 @@ import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 from ai_edge_litert.interpreter import Interpreter
 
+from pipeline.datasets import Samples
 from pipeline.errors import first_line
 from pipeline.tflite_model import parse
 from pipeline.validate.metrics import snr_db
@@ -48,7 +49,7 @@ def has_integer_activations(model: bytes) -> bool:
 
 
 def layer_errors(
-    float_model: bytes, model: bytes, inputs: np.ndarray, *, num_threads: int
+    float_model: bytes, model: bytes, samples: Samples, *, num_threads: int
 ) -> tuple[list[LayerError], str | None]:
     """Float tensors' errors, worst (lowest SNR) first, or why the comparison does not apply."""
     from litert_quantizer import model_validator
@@ -62,13 +63,14 @@ def layer_errors(
     if not common:
         return [], "the models share no signature (models converted from concrete functions have none)"
     key = common[0]
-    (input_name,) = float_interpreter.get_signature_runner(key).get_input_details()
-    samples = [{input_name: x[np.newaxis].astype(np.float32)} for x in inputs[:MAX_SAMPLES]]
+    if set(float_interpreter.get_signature_runner(key).get_input_details()) != set(samples.inputs):
+        return [], f"signature '{key}' does not take the evaluation inputs ({', '.join(sorted(samples.inputs))})"
+    fed = [samples.sample(index) for index in range(min(len(samples), MAX_SAMPLES))]
     try:
         with warnings.catch_warnings():  # keeping every tensor is the point here, not a debugging slip
             warnings.filterwarnings("ignore", message=".*experimental_preserve_all_tensors")
             result = model_validator.compare_model(
-                float_model, model, {key: samples}, [Metric.MSE, Metric.SNR, Metric.COSINE_SIMILARITY],
+                float_model, model, {key: fed}, [Metric.MSE, Metric.SNR, Metric.COSINE_SIMILARITY],
                 num_threads=num_threads,
             ).get_signature_comparison_result(key)
     except Exception as exc:  # the validator's own failures: this analysis is optional

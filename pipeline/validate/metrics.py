@@ -73,12 +73,18 @@ def snr_db(signal_power: float, noise_power: float) -> float:
     return float(np.clip(10 * math.log10(signal_power / noise_power), -MAX_SNR_DB, MAX_SNR_DB))
 
 
+# Metrics measured by running the model: a model the host cannot run leaves them unverifiable.
+EXECUTION_METRICS = ("accuracy_drop", "cosine", "snr_db", "latency_median_ms", "task_metric_drop")
+
+
 def check_gates(
-    metrics: dict[str, Any], gates: ValidationConfig, *, unmeasured: dict[str, str]
+    metrics: dict[str, Any], gates: ValidationConfig, *, unmeasured: dict[str, str], unverifiable: str | None = None
 ) -> list[dict[str, Any]]:
     """One result per enabled gate; a gate whose metric could not be measured fails.
 
-    `unmeasured` says why a metric is missing (the model could not run, no labels...).
+    `unmeasured` says why a metric is missing (no labels...). `unverifiable` says why the
+    model could not run at all: its execution gates are then `unverifiable`, which passes
+    only when the gate set accepts unverified builds (`accept_unverified`).
     """
     results = []
     for metric, gate in GATED_METRICS:
@@ -87,12 +93,18 @@ def check_gates(
             continue
         value = metrics.get(metric)
         upper = gate.startswith("max_")
-        if value is None:
+        if unverifiable and metric in EXECUTION_METRICS:
+            status = "unverifiable"
+            passed = gates.accept_unverified
+            message = None if passed else (f"{metric} unverifiable ({unverifiable}) for {gate} {threshold:g}: set "
+                                           "accept_unverified: true in the gate set to deliver it unverified")
+        elif value is None:
             why = unmeasured.get(metric, "unknown reason")
-            passed, message = False, f"{metric} not measured ({why}) for {gate} {threshold:g}"
+            status, passed, message = "unmeasured", False, f"{metric} not measured ({why}) for {gate} {threshold:g}"
         else:
             passed = value <= threshold if upper else value >= threshold
+            status = "passed" if passed else "failed"
             message = None if passed else f"{metric} {value:.4g} {'>' if upper else '<'} {gate} {threshold:g}"
         results.append({"gate": gate, "threshold": threshold, "metric": metric, "value": value,
-                        "passed": passed, "message": message})
+                        "status": status, "passed": passed, "message": message})
     return results

@@ -1,27 +1,8 @@
-"""Where the validate stage writes, and the Markdown rendering of its JSON report."""
+"""The Markdown rendering of a validation report."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
-
-REPORTS = Path("reports")
-
-
-def report_dir(model: str, variant: str) -> Path:
-    return REPORTS / model / variant
-
-
-def validation_json(model: str, variant: str) -> Path:
-    return report_dir(model, variant) / "validation.json"
-
-
-def validation_markdown(model: str, variant: str) -> Path:
-    return report_dir(model, variant) / "validation.md"
-
-
-def layer_errors_csv(model: str, variant: str) -> Path:
-    return report_dir(model, variant) / "layer_errors.csv"
 
 
 def _fmt(value: Any) -> str:
@@ -48,11 +29,16 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"{metrics['num_samples']} evaluation samples, runtime `{runtime['kind']}` with {run['num_threads']} threads.",
         "",
     ]
+    if report.get("verification") == "unverified":
+        lines += [f"**Unverified:** {run.get('error')}. Execution gates were not measured; "
+                  + ("the gate set accepts unverified builds." if report["passed"] else "the gate set does not accept "
+                     "unverified builds (accept_unverified).") , ""]
     if report["failures"]:
         lines += ["**Failed:**", ""] + [f"- {failure}" for failure in report["failures"]] + [""]
 
     lines += ["## Gates", ""]
-    gates = [[g["gate"], g["threshold"], g["metric"], g["value"], "pass" if g["passed"] else "**FAIL**"]
+    gates = [[g["gate"], g["threshold"], g["metric"], g["value"],
+              g.get("status", "passed") if g["passed"] else f"**FAIL** ({g.get('status', 'failed')})"]
              for g in report["gates"]]
     lines += _table(["gate", "threshold", "metric", "value", "result"], gates) if gates else ["No gate is enabled.", ""]
 
@@ -68,19 +54,23 @@ def to_markdown(report: dict[str, Any]) -> str:
             "",
         ]
         lines += _table(
-            ["output", "cosine", "worst-sample cosine", "SNR dB", "max abs error", "mean abs error", "NaN/Inf"],
+            ["output", "cosine", "worst-sample cosine", "SNR dB", "max abs error", "mean abs error", "NaN/Inf",
+             "top-1 accuracy", "source accuracy"],
             [[name, o["cosine"], o["cosine_min"], o["snr_db"], o["max_abs_error"], o["mean_abs_error"],
-              o["non_finite_values"]] for name, o in report["outputs"].items()],
+              o["non_finite_values"], o.get("accuracy"), o.get("source_accuracy")]
+             for name, o in report["outputs"].items()],
         )
-        if "accuracy" in metrics:
-            lines += [f"Top-1 accuracy {metrics['accuracy']:.4f} vs. source {metrics['source_accuracy']:.4f} "
-                      f"(drop {metrics['accuracy_drop']:+.4f}).", ""]
+        if "task_metric" in metrics:
+            lines += [f"Task metric {metrics['task_metric']:.4f} vs. source {metrics['source_task_metric']:.4f} "
+                      f"(drop {metrics['task_metric_drop']:+.4f}).", ""]
 
     lines += ["## Size and latency", ""]
+    lines += ["The size ratio compares payloads: the models without metadata and packed files.", ""]
     lines += _table(
-        ["size (bytes)", "float size (bytes)", "size ratio", "latency median (ms)", "latency p90 (ms)"],
-        [[metrics["size_bytes"], metrics["float_size_bytes"], metrics["size_ratio"],
-          metrics.get("latency_median_ms"), metrics.get("latency_p90_ms")]],
+        ["delivered (bytes)", "payload (bytes)", "float payload (bytes)", "size ratio", "latency median (ms)",
+         "latency p90 (ms)"],
+        [[metrics["size_bytes"], metrics.get("payload_bytes"), metrics.get("float_payload_bytes"),
+          metrics["size_ratio"], metrics.get("latency_median_ms"), metrics.get("latency_p90_ms")]],
     )
 
     lines += [f"## Target runtime `{runtime['kind']}`", ""]

@@ -1,7 +1,8 @@
 """Run a `.tflite` model over samples with the LiteRT interpreter (XNNPACK, no TensorFlow).
 
-Inputs go in as float and outputs come back as float: integer (int8/uint8/int16) model
-inputs are quantized and outputs dequantized with their tensors' scale and zero point.
+Inputs go in by name and outputs come back by name. Float samples feeding a quantized
+(int8/uint8/int16) input are quantized with the tensor's scale and zero point, and quantized
+outputs are dequantized; native integer and bool inputs (token ids, masks) pass unchanged.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 from tqdm import tqdm
 
+from pipeline.datasets import Samples
 from pipeline.errors import InputError
 
 BATCH_SIZE = 32
@@ -21,65 +23,77 @@ BATCH_SIZE = 32
 # XNNPACK's float rounding stays orders of magnitude below it.
 BATCH_TOLERANCE = 1e-3
 
-class ModelRunner:
-    """One model signature with a single input, called on float batches."""
+Feed = dict[str, np.ndarray]
 
-    def __init__(self, model: bytes, *, num_threads: int, signature_key: str | None):
+
+class ModelRunner:
+    """One model signature, called on batches of named samples."""
+
+    def __init__(self, model: bytes, *, num_threads: int, signature_key: str | None, input_order: list[str]):
         self._interpreter = Interpreter(model_content=model, num_threads=num_threads)
         signatures = self._interpreter.get_signature_list()
         if signatures:
             self.signature = _pick_signature(signatures, signature_key)
             runner = self._interpreter.get_signature_runner(self.signature)
-            inputs, self.output_details = runner.get_input_details(), runner.get_output_details()
-            self._invoke: Callable[[np.ndarray], dict[str, np.ndarray]] = lambda x: runner(**{self.input_name: x})
-        else:  # models converted from concrete functions carry no SignatureDef
+            self.input_details, self.output_details = runner.get_input_details(), runner.get_output_details()
+            self._invoke: Callable[[Feed], Feed] = lambda feed: runner(**feed)
+        else:  # a model without SignatureDef (legacy conversions): tensors in the source's order
             self.signature = None
-            inputs = {d["name"]: d for d in self._interpreter.get_input_details()}
+            details = self._interpreter.get_input_details()
+            if len(details) != len(input_order):
+                raise InputError(f"the model has {len(details)} inputs and no signature naming them; the source "
+                                 f"has {len(input_order)}")
+            self.input_details = dict(zip(input_order, details))
             self.output_details = {d["name"]: d for d in self._interpreter.get_output_details()}
             self._invoke = self._invoke_tensors
-        if len(inputs) != 1:
-            raise InputError(f"validation feeds one input; the model has {len(inputs)} ({', '.join(inputs)})")
-        ((self.input_name, self.input_detail),) = inputs.items()
 
     @property
     def batch_resizable(self) -> bool:
-        shape = self.input_detail["shape_signature"]
-        return len(shape) > 0 and shape[0] == -1
+        return all(len(d["shape_signature"]) > 0 and d["shape_signature"][0] == -1 for d in self.input_details.values())
 
-    def to_input(self, x: np.ndarray) -> np.ndarray:
-        """Float samples in the model's input type (quantized for integer inputs)."""
-        dtype = np.dtype(self.input_detail["dtype"])
-        scale, zero_point = self.input_detail["quantization"]
-        if scale and dtype.kind in "iu":
-            limits = np.iinfo(dtype)
-            return np.clip(np.round(x / scale + zero_point), limits.min, limits.max).astype(dtype)
-        return x.astype(dtype, copy=False)
+    def to_inputs(self, feed: Feed) -> Feed:
+        """Samples in each input's type (float samples quantized for quantized inputs)."""
+        missing = sorted(set(self.input_details) - set(feed))
+        if missing:
+            raise InputError(f"no samples for the model input '{missing[0]}' (samples: {', '.join(sorted(feed))})")
+        return {name: _to_input(feed[name], detail) for name, detail in self.input_details.items()}
 
-    def invoke(self, model_input: np.ndarray) -> dict[str, np.ndarray]:
-        """Raw outputs for an input already in the model's type (what latency measures)."""
-        return self._invoke(model_input)
+    def invoke(self, model_inputs: Feed) -> Feed:
+        """Raw outputs for inputs already in the model's types (what latency measures)."""
+        return self._invoke(model_inputs)
 
-    def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        """Float outputs, by output name, for a float batch."""
-        outputs = self.invoke(self.to_input(x))
+    def __call__(self, feed: Feed) -> Feed:
+        """Float outputs, by output name, for a batch of named samples."""
+        outputs = self.invoke(self.to_inputs(feed))
         return {name: _dequantize(value, self.output_details[name]) for name, value in outputs.items()}
 
-    def run(self, inputs: np.ndarray, batch_size: int, *, desc: str | None = None) -> dict[str, np.ndarray]:
+    def run(self, samples: Samples, batch_size: int, *, desc: str | None = None) -> Feed:
         """Float outputs of every sample; a progress bar when `desc` is given."""
         chunks: dict[str, list[np.ndarray]] = {}
-        batches = range(0, len(inputs), batch_size)
-        for start in tqdm(batches, desc=desc, unit="batch", leave=False, disable=desc is None):
-            for name, value in self(inputs[start:start + batch_size]).items():
+        total = -(-len(samples) // batch_size)
+        for batch in tqdm(samples.batches(batch_size), total=total, desc=desc, unit="batch", leave=False,
+                          disable=desc is None):
+            for name, value in self(batch).items():
                 chunks.setdefault(name, []).append(value)
         return {name: np.concatenate(values) for name, values in chunks.items()}
 
-    def _invoke_tensors(self, model_input: np.ndarray) -> dict[str, np.ndarray]:
-        index = self.input_detail["index"]
-        self._interpreter.resize_tensor_input(index, model_input.shape)
+    def _invoke_tensors(self, model_inputs: Feed) -> Feed:
+        for name, detail in self.input_details.items():
+            self._interpreter.resize_tensor_input(detail["index"], model_inputs[name].shape)
         self._interpreter.allocate_tensors()
-        self._interpreter.set_tensor(index, model_input)
+        for name, detail in self.input_details.items():
+            self._interpreter.set_tensor(detail["index"], model_inputs[name])
         self._interpreter.invoke()
         return {name: self._interpreter.get_tensor(d["index"]) for name, d in self.output_details.items()}
+
+
+def _to_input(values: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
+    dtype = np.dtype(detail["dtype"])
+    scale, zero_point = detail["quantization"]
+    if scale and dtype.kind in "iu" and values.dtype.kind == "f":
+        limits = np.iinfo(dtype)
+        return np.clip(np.round(values / scale + zero_point), limits.min, limits.max).astype(dtype)
+    return values.astype(dtype, copy=False)
 
 
 def _pick_signature(signatures: dict, wanted: str | None) -> str:
@@ -99,7 +113,7 @@ def _dequantize(value: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Run:
-    outputs: dict[str, np.ndarray]
+    outputs: Feed
     runner: ModelRunner
     batch_size: int
     # Outputs depend on the other samples in the batch (e.g. BatchNormalization run in
@@ -107,25 +121,29 @@ class Run:
     batch_dependent: bool
 
 
-def run_samples(
-    model: bytes, inputs: np.ndarray, *, num_threads: int, signature_key: str | None, desc: str = "validate"
-) -> Run:
-    """Run every sample, batched when the input's batch dimension is dynamic."""
-    runner = ModelRunner(model, num_threads=num_threads, signature_key=signature_key)
-    batch_size = min(BATCH_SIZE, len(inputs)) if runner.batch_resizable else 1
+def run_samples(model: bytes, samples: Samples, *, num_threads: int, signature_key: str | None,
+                desc: str = "validate") -> Run:
+    """Run every sample, batched when every input's batch dimension is dynamic."""
+    order = list(samples.inputs)
+
+    def new_runner() -> ModelRunner:
+        return ModelRunner(model, num_threads=num_threads, signature_key=signature_key, input_order=order)
+
+    runner = new_runner()
+    batch_size = min(BATCH_SIZE, len(samples)) if runner.batch_resizable else 1
     batch_dependent = False
     if batch_size > 1:
-        probe = inputs[:batch_size]
+        probe = samples.take(slice(0, batch_size))
         try:
-            batched = runner(probe)
+            batched = runner(next(iter(probe.batches(batch_size))))
         except (RuntimeError, ValueError):  # a graph that only allocates with its converted batch
-            runner = ModelRunner(model, num_threads=num_threads, signature_key=signature_key)
+            runner = new_runner()
             batch_size = 1
         else:
             single = runner.run(probe, 1)
             batch_dependent = not all(_close(batched[name], single[name]) for name in batched)
             batch_size = 1 if batch_dependent else batch_size
-    outputs = runner.run(inputs, batch_size, desc=desc)
+    outputs = runner.run(samples, batch_size, desc=desc)
     return Run(outputs, runner, batch_size, batch_dependent)
 
 
@@ -135,14 +153,14 @@ def _close(batched: np.ndarray, single: np.ndarray) -> bool:
     return bool(np.max(np.abs(batched - single), initial=0.0) <= BATCH_TOLERANCE * max(scale, 1e-12))
 
 
-def latency_ms(runner: ModelRunner, sample: np.ndarray, *, runs: int, warmup: int) -> tuple[float, float]:
+def latency_ms(runner: ModelRunner, sample: Feed, *, runs: int, warmup: int) -> tuple[float, float]:
     """Median and 90th percentile of single-sample invokes, in milliseconds."""
-    model_input = runner.to_input(sample[np.newaxis])
+    model_inputs = runner.to_inputs(sample)
     for _ in range(max(warmup, 1)):  # the first invoke at batch size 1 also reallocates
-        runner.invoke(model_input)
+        runner.invoke(model_inputs)
     times = []
     for _ in range(max(runs, 1)):
         start = time.perf_counter()
-        runner.invoke(model_input)
+        runner.invoke(model_inputs)
         times.append((time.perf_counter() - start) * 1000.0)
     return float(np.median(times)), float(np.percentile(times, 90))

@@ -41,8 +41,8 @@ def _bad_values(value: float) -> np.ndarray:
         ({"x": np.array(["a", "b"]), "y": np.zeros(2, np.int64)}, "unsupported dtype"),
         ({"x": _bad_values(np.nan), "y": np.zeros(8, np.int64)}, "NaN or Inf"),
         ({"x": _bad_values(np.inf), "y": np.zeros(8, np.int64)}, "NaN or Inf"),
-        ({"x": np.float32(1.0)}, "single value"),
-        ({"x": tiny_samples(8, 0)[0], "y": np.zeros(5, np.int64)}, "labels of shape (5,) for 8 inputs"),
+        ({"x": np.float32(1.0), "y": np.zeros(2, np.int64)}, "single value"),
+        ({"x": tiny_samples(8, 0)[0], "y": np.zeros(5, np.int64)}, "differ in their number of samples (inputs_key: 8, labels_key: 5)"),
         ({"x": np.array([{"evil": "pickle"}] * 2, dtype=object)}, "allow_pickle=False"),  # never unpickled
     ],
     ids=["empty", "wrong_dtype", "nan", "inf", "scalar", "label_count", "pickled_objects"],
@@ -63,14 +63,14 @@ def test_dataset_without_the_inputs_key(tiny_project):
 def _materialized(project, name: str, inputs: np.ndarray) -> str:
     """Replace the checked samples of dataset `name` (as its data stage would write them)."""
     path = f"artifacts/data/{name}.npz"
-    np.savez(project / path, inputs=inputs, labels=np.zeros(len(inputs), np.int64))
+    np.savez(project / path, **{"input:*": inputs, "label:*": np.zeros(len(inputs), np.int64)})
     return path
 
 
 def test_evaluation_samples_of_the_wrong_shape(tiny_project):
     path = _materialized(tiny_project, "digits_evaluation", np.zeros((30, 9, 9, 1), np.float32))
     line = fails_cleanly(tiny_project, stage("convert", "digits"), EXIT_INPUT, path,
-                         "model.digits.evaluation.dataset")
+                         "dataset.digits_evaluation.inputs_key")
     assert "(9, 9, 1)" in line and "(8, 8, 1)" in line
 
 
@@ -94,7 +94,7 @@ def test_representative_samples_of_the_wrong_shape(tiny_project, build):
     # As DVC would: the representative stage reruns on the new samples (it records that the
     # shared calibration is unavailable), then the calibrating builds fail naming the data.
     assert run(tiny_project, *stage("representative", "digits")).returncode == 0
-    line = fails_cleanly(tiny_project, stage("quantize", build), EXIT_INPUT, path, "model.digits.representative.dataset")
+    line = fails_cleanly(tiny_project, stage("quantize", build), EXIT_INPUT, path, "dataset.digits_calibration.inputs_key")
     assert "(9, 9, 1)" in line
 
 

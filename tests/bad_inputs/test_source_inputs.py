@@ -59,13 +59,13 @@ def _factory(project, reference: str, **source) -> None:
 
 
 def test_factory_function_that_does_not_exist(tiny_project):
-    _factory(tiny_project, "pipeline.examples:no_such_factory")
+    _factory(tiny_project, "pipeline.examples:no_such_factory", trusted=True)
     line = fails_cleanly(tiny_project, CONVERT, EXIT_CONFIG, "params.yaml", f"{SOURCE}.factory")
     assert "has no function 'no_such_factory'" in line
 
 
 def test_factory_module_that_does_not_exist(tiny_project):
-    _factory(tiny_project, "pipeline.no_such_module:factory")
+    _factory(tiny_project, "pipeline.no_such_module:factory", trusted=True)
     line = fails_cleanly(tiny_project, CONVERT, EXIT_CONFIG, "params.yaml", f"{SOURCE}.factory")
     assert "cannot import 'pipeline.no_such_module'" in line
 
@@ -73,11 +73,11 @@ def test_factory_module_that_does_not_exist(tiny_project):
 def test_factory_outside_the_project_needs_trust(tiny_project):
     _factory(tiny_project, "os:system")
     line = fails_cleanly(tiny_project, CONVERT, EXIT_CONFIG, "params.yaml", f"{SOURCE}.factory")
-    assert "outside the project" in line and "trusted: true" in line
+    assert "without trust" in line and "trusted: true" in line
 
 
 def test_factory_that_returns_the_wrong_thing(tiny_project):
-    _factory(tiny_project, "pipeline.paths:samples")  # returns a Path
+    _factory(tiny_project, "os.path:basename", trusted=True)  # returns a string
     line = fails_cleanly(tiny_project, CONVERT, EXIT_CONFIG, "tiny/saved_model", f"{SOURCE}.factory")
     assert "list of concrete functions" in line
 
@@ -107,3 +107,12 @@ def test_ops_outside_the_allowed_op_sets(tiny_project):
     set_params(tiny_project, {f"{SOURCE}.path": "tiny/det"})
     line = fails_cleanly(tiny_project, CONVERT, EXIT_GATE, "params.yaml")
     assert "FlexMatrixDeterminant need select TF ops: add select_tf_ops to model.digits.conversion.ops" in line
+
+
+def test_a_project_function_that_writes_files_is_not_a_factory(tiny_project, tmp_path):
+    victim = tmp_path / "VICTIM"
+    victim.write_text("precious")
+    _factory(tiny_project, "pipeline.io:write_text", path=str(victim), factory_args={"text": "owned"})
+    line = fails_cleanly(tiny_project, CONVERT, EXIT_CONFIG, "params.yaml", f"{SOURCE}.factory")
+    assert "pipeline.io:write_text" in line
+    assert victim.read_text() == "precious"

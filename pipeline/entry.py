@@ -1,0 +1,44 @@
+"""How entry points end: a PipelineError as one line with its documented exit code, and, when
+an invocation (`litert-pipeline run`/`nightly`) runs the stage, its outcome left where that
+invocation looks, so it exits with the stage's code rather than DVC's."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+
+from pipeline.errors import EXIT_INTERNAL, OUTCOMES_ENV, PipelineError, first_line
+from pipeline.io import write_json
+
+
+def record_outcome(code: int, message: str) -> None:
+    """Leave this stage's failure for the invocation that ran it (if one did)."""
+    folder = os.environ.get(OUTCOMES_ENV)
+    if not folder:
+        return
+    stage = os.environ.get("DVC_STAGE") or f"pid-{os.getpid()}"
+    name = "".join(c if c.isalnum() or c in "-_@." else "_" for c in stage)
+    try:
+        write_json(Path(folder) / f"{name}.json", {"stage": stage, "exit_code": code, "message": message})
+    except PipelineError:
+        pass  # the invocation then reports DVC's failure as internal: nothing better is known
+
+
+def exit_on_error(main):
+    """Run a CLI entry point; print a PipelineError as one line and exit with its code."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except PipelineError as exc:
+            print(f"error: {exc.one_line()}", file=sys.stderr)
+            record_outcome(exc.exit_code, exc.one_line())
+            sys.exit(exc.exit_code)
+        except Exception as exc:  # a bug: the traceback follows, and the invocation learns of it
+            record_outcome(EXIT_INTERNAL, f"internal error: {type(exc).__name__}: {first_line(exc)}")
+            raise
+
+    return wrapper

@@ -1,0 +1,153 @@
+"""Where every output lives: the one module that knows the project's file layout.
+
+Stages, the library, reports and tests take their paths from here, and `tests/test_layout.py`
+holds `dvc.yaml` to it: each stage's declared data inputs and outputs must be what
+`stage_files` says, so a path changes in one place and DVC tracks what the code writes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipeline.config import PipelineConfig
+
+ARTIFACTS = Path("artifacts")  # intermediate outputs (DVC outs)
+MODELS = Path("models")  # delivered models
+REPORTS = Path("reports")  # validation reports and auto-selection trails
+COMPARISON = Path("comparison")  # per-model comparison of the variants
+EXAMPLES = Path("examples")  # bundled example models and data, built by `prepare`
+LABELS = Path("conf/labels")  # label files named by metadata configs (tracked as a dependency)
+AUTO_VARIANT = "auto"  # the variant name of a model's auto-selected build
+VALIDATION_JSON = "validation.json"
+AUTOSELECT_JSON = "autoselect.json"
+
+
+def example(name: str) -> Path:
+    return EXAMPLES / name
+
+
+def samples(dataset: str) -> Path:
+    """A dataset or generator, materialized and checked."""
+    return ARTIFACTS / "data" / f"{dataset}.npz"
+
+
+@dataclass(frozen=True)
+class ModelPaths:
+    """The per-model files: the float model, what the source said about itself, calibration."""
+
+    float_model: Path
+    convert_report: Path
+    evaluate_report: Path
+    reference: Path  # evaluation samples, labels and the source's outputs
+    representative: Path  # calibration samples in seeded order
+    calibration: Path  # the calibration static recipes share
+
+    @classmethod
+    def of(cls, model: str) -> "ModelPaths":
+        folder = ARTIFACTS / model
+        return cls(folder / "float.tflite", folder / "convert.json", folder / "evaluate.json",
+                   folder / "reference.npz", folder / "representative.npz", folder / "calibration.json")
+
+
+@dataclass(frozen=True)
+class BuildPaths:
+    """One build's files, from its quantized model to its validation report."""
+
+    quantized: Path
+    quantize_report: Path
+    delivered: Path
+    validation_json: Path
+    validation_markdown: Path
+    layer_errors: Path
+
+    @classmethod
+    def of(cls, model: str, variant: str) -> "BuildPaths":
+        reports = report_dir(model, variant)
+        return cls(ARTIFACTS / model / "quantized" / f"{variant}.tflite",
+                   ARTIFACTS / model / "quantized" / f"{variant}.json",
+                   MODELS / model / f"{variant}.tflite",
+                   reports / VALIDATION_JSON, reports / "validation.md", reports / "layer_errors.csv")
+
+
+def report_dir(model: str, variant: str, root: Path = REPORTS) -> Path:
+    """A build's reports; `root` is another reports folder (a sweep's) laid out the same way."""
+    return root / model / variant
+
+
+@dataclass(frozen=True)
+class AutoSelectPaths:
+    """The auto-selected build's files besides its BuildPaths: the decision trail and recipe."""
+
+    trail_json: Path
+    trail_markdown: Path
+    recipe: Path  # the pick's LiteRT Quantizer recipe (null for other backends): reusable as `recipe:`
+
+    @classmethod
+    def of(cls, model: str, root: Path = REPORTS) -> "AutoSelectPaths":
+        folder = report_dir(model, AUTO_VARIANT, root)
+        return cls(folder / AUTOSELECT_JSON, folder / "autoselect.md", folder / "recipe.json")
+
+
+@dataclass(frozen=True)
+class ComparisonPaths:
+    folder: Path
+    markdown: Path
+    csv: Path
+    json: Path  # a DVC metrics file, committed by DVC experiments
+    pareto_png: Path
+    pareto_json: Path  # `dvc plots` data
+
+    @classmethod
+    def of(cls, model: str, root: Path = COMPARISON) -> "ComparisonPaths":
+        folder = root / model
+        return cls(folder, folder / "report.md", folder / "report.csv", folder / "report.json",
+                   folder / "pareto.png", folder / "pareto.json")
+
+
+def stage_files(stage: str, key: str, cfg: "PipelineConfig") -> tuple[set[str], set[str]]:
+    """(data inputs, outputs) of the DVC stage `stage@key`, as dvc.yaml must declare them.
+
+    Inputs named by the config (sources, dataset files) are included; code dependencies are
+    not (tests/test_layout.py checks those against the modules each stage imports).
+    """
+    def strings(*paths: Path | str | None) -> set[str]:
+        return {Path(p).as_posix() for p in paths if p is not None}
+
+    if stage == "prepare":
+        return set(), strings(example(key))
+    if stage in ("data", "generate"):
+        data = {**cfg.dataset, **cfg.generator}[key]
+        return strings(getattr(data, "path", None)), strings(samples(key))
+    if stage in ("convert", "representative", "autoselect", "report"):
+        model = cfg.model[key]
+        files = ModelPaths.of(key)
+        if stage == "convert":
+            return (strings(model.source.path, samples(model.evaluation.dataset)),
+                    strings(files.float_model, files.reference, files.convert_report, files.evaluate_report))
+        if stage == "representative":
+            return (strings(samples(model.representative.dataset), files.float_model),
+                    strings(files.representative, files.calibration))
+        if stage == "report":
+            comparison = ComparisonPaths.of(key)
+            return (strings(REPORTS / key),
+                    strings(comparison.markdown, comparison.csv, comparison.json, comparison.pareto_png,
+                            comparison.pareto_json))
+        auto, build = AutoSelectPaths.of(key), BuildPaths.of(key, AUTO_VARIANT)
+        return (strings(LABELS, *vars(files).values()),
+                strings(build.delivered, build.validation_json, build.validation_markdown, auto.trail_json,
+                        auto.trail_markdown, auto.recipe))
+    build = cfg.build[key]
+    files, out = ModelPaths.of(build.model), BuildPaths.of(build.model, build.variant)
+    if stage == "quantize":
+        return (strings(files.float_model, files.representative, files.calibration, files.evaluate_report),
+                strings(out.quantized, out.quantize_report))
+    if stage == "metadata":
+        return (strings(LABELS, out.quantized, out.quantize_report, files.convert_report),
+                strings(out.delivered))
+    if stage == "validate":
+        return (strings(out.delivered, files.float_model, files.reference),
+                strings(out.validation_json, out.validation_markdown, out.layer_errors))
+    raise KeyError(f"no stage {stage!r} in the layout")

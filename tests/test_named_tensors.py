@@ -1,0 +1,279 @@
+"""Named inputs and outputs of every dtype a LiteRT model takes, from dataset config to report,
+through calibration on both backends; select-TF-ops models decided by policy."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pipeline import datasets, layout, steps
+from pipeline.build import resolve_build, resolve_model
+from pipeline.config import (
+    Backend, BuildConfig, ConversionConfig, ConverterMode, DataRef, DatasetConfig, ModelConfig, OpsSet, PipelineConfig,
+    QuantizationConfig, RuntimeConfig, SourceConfig, ValidationConfig,
+)
+from pipeline.errors import ConfigError, InputError
+from pipeline.evaluate import save_reference
+from pipeline.io import atomic_path, write_bytes, write_json
+from pipeline.validate import validate_build
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*experimental_preserve_all_tensors:UserWarning")
+
+COUNT = 24
+VARIANTS = {
+    "float": QuantizationConfig(),
+    "dynamic": QuantizationConfig(backend=Backend.litert_quantizer, recipe="dynamic_wi8_afp32"),
+    "static": QuantizationConfig(backend=Backend.litert_quantizer, recipe="static_wi8_ai8"),
+    "converter_int8": QuantizationConfig(backend=Backend.converter, mode=ConverterMode.int8),
+}
+# Every input dtype, with values no float32 cast would keep (an int64 above 2**24, a full-range int8).
+INPUTS = {
+    "features": ("float32", lambda rng: rng.uniform(-1, 1, (COUNT, 4)).astype(np.float32)),
+    "token_ids": ("int32", lambda rng: rng.integers(0, 50, (COUNT, 6)).astype(np.int32)),
+    "big_ids": ("int64", lambda rng: (2**24 + 1 + rng.integers(0, 3, (COUNT, 1))).astype(np.int64)),
+    "pixels": ("uint8", lambda rng: rng.integers(0, 256, (COUNT, 3)).astype(np.uint8)),
+    "offsets": ("int8", lambda rng: rng.integers(-128, 128, (COUNT, 2)).astype(np.int8)),
+    "flags": ("bool", lambda rng: rng.integers(0, 2, (COUNT, 2)).astype(bool)),
+}
+
+
+def write_source(folder) -> None:
+    """A SavedModel taking every dtype by name, with a float head and an exact integer head."""
+    import tensorflow as tf
+
+    class EveryDtype(tf.Module):
+        def __init__(self):
+            self.weights = tf.Variable(np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32))
+            self.embedding = tf.Variable(np.random.default_rng(1).normal(size=(50, 3)).astype(np.float32))
+
+        @tf.function(input_signature=[tf.TensorSpec([None, *np.zeros((COUNT, 4))[0].shape], tf.float32, name="features"),
+                                      tf.TensorSpec([None, 6], tf.int32, name="token_ids"),
+                                      tf.TensorSpec([None, 1], tf.int64, name="big_ids"),
+                                      tf.TensorSpec([None, 3], tf.uint8, name="pixels"),
+                                      tf.TensorSpec([None, 2], tf.int8, name="offsets"),
+                                      tf.TensorSpec([None, 2], tf.bool, name="flags")])
+        def serve(self, features, token_ids, big_ids, pixels, offsets, flags):
+            score = tf.matmul(features, self.weights) + tf.reduce_mean(tf.gather(self.embedding, token_ids), axis=1)
+            extra = tf.reduce_mean(tf.cast(pixels, tf.float32), axis=1, keepdims=True) / 255.0
+            extra += tf.reduce_mean(tf.cast(offsets, tf.float32), axis=1, keepdims=True) / 128.0
+            extra += tf.reduce_mean(tf.cast(flags, tf.float32), axis=1, keepdims=True)
+            # Exact integer arithmetic: wrong if any integer input went through float32.
+            id_sum = big_ids - 2**24 + tf.reduce_sum(tf.cast(token_ids, tf.int64), axis=1, keepdims=True)
+            return {"score": tf.nn.softmax(score + extra), "id_sum": id_sum}
+
+    module = EveryDtype()
+    tf.saved_model.save(module, str(folder), signatures={"serving_default": module.serve})
+
+
+def config(source: str, *, labels: bool = True, **model_fields) -> PipelineConfig:
+    return PipelineConfig(
+        model={"m": ModelConfig(
+            team="t",
+            source=SourceConfig(path=source),
+            representative=DataRef(dataset="calibration", num_samples=16),
+            evaluation=DataRef(dataset="evaluation", num_samples=COUNT),
+            **model_fields,
+        )},
+        build={f"m-{v}": BuildConfig(model="m", variant=v) for v in VARIANTS},
+        quantization=VARIANTS,
+        dataset={name: DatasetConfig(path=f"{name}.npz", inputs={n: n for n in INPUTS},
+                                     labels={"score": "label"} if labels else {})
+                 for name in ("calibration", "evaluation")},
+        runtime={"litert": RuntimeConfig()},
+        validation={"default": ValidationConfig(min_cosine=0.9, max_accuracy_drop=0.5 if labels else None,
+                                                latency_runs=2, warmup_runs=1)},
+    )
+
+
+def materialize(cfg: PipelineConfig, seed: int) -> None:
+    for offset, name in enumerate(("calibration", "evaluation")):
+        rng = np.random.default_rng(seed + offset)
+        arrays = {input_name: make(rng) for input_name, (_, make) in INPUTS.items()}
+        np.savez(f"{name}.npz", label=rng.integers(0, 3, COUNT), **arrays)
+        samples = datasets.materialize(cfg.dataset[name], key=f"dataset.{name}")
+        with atomic_path(layout.samples(name)) as tmp, open(tmp, "wb") as handle:
+            datasets.save(samples, handle)
+
+
+def run_model_stages(cfg: PipelineConfig) -> None:
+    """convert and representative, as their stages do."""
+    model = resolve_model(cfg, "m")
+    converted, evaluation = steps.convert_model(model)
+    write_bytes(model.paths.float_model, converted.model)
+    write_json(model.paths.evaluate_report, evaluation.report)
+    with atomic_path(model.paths.reference) as tmp, open(tmp, "wb") as handle:
+        save_reference(evaluation, handle)
+    pool = steps.representative_pool(model)
+    with atomic_path(model.paths.representative) as tmp, open(tmp, "wb") as handle:
+        datasets.save(pool, handle)
+    write_json(model.paths.calibration, steps.shared_calibration(model, pool, converted.model))
+
+
+@pytest.fixture(scope="module")
+def every_dtype(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("every_dtype")
+    write_source(folder / "saved_model")
+    return folder
+
+
+@pytest.fixture
+def built(every_dtype, monkeypatch):
+    monkeypatch.chdir(every_dtype)
+    cfg = config(str(every_dtype / "saved_model"))
+    if not layout.ModelPaths.of("m").calibration.exists():
+        materialize(cfg, seed=0)
+        run_model_stages(cfg)
+    return cfg
+
+
+def test_samples_keep_their_dtypes_from_dataset_to_reference(built):
+    samples = steps.representative_samples(resolve_build(built, "m-static"),
+                                           layout.ModelPaths.of("m").float_model.read_bytes())
+    assert {name: str(array.dtype) for name, array in samples.inputs.items()} == {n: d for n, (d, _) in INPUTS.items()}
+    evaluation = json.loads(layout.ModelPaths.of("m").evaluate_report.read_text())
+    assert {t["name"] for t in evaluation["inputs"]} == set(INPUTS)
+    assert evaluation["labelled_outputs"] == ["score"]
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_every_input_dtype_quantizes_and_validates(built, variant):
+    build = resolve_build(built, f"m-{variant}")
+    result = steps.quantize_build(build)
+    if variant in ("static", "converter_int8"):  # both backends calibrated on the named, typed samples
+        assert result.info["num_calibration_samples"] == 16
+    write_bytes(build.paths.delivered, result.model)
+    validation = validate_build(build, build.paths.delivered)
+    report = validation.report
+    assert report["passed"], report["failures"]
+    assert report["outputs"]["id_sum"]["max_abs_error"] == 0.0  # exact: no integer input went through float
+    assert set(report["outputs"]) == {"score", "id_sum"}  # parity per output, by name
+    assert report["outputs"]["score"]["accuracy"] is not None and "accuracy" not in report["outputs"]["id_sum"]
+    assert report["run"]["input_dtypes"]["big_ids"] == "int64" and report["run"]["input_dtypes"]["flags"] == "bool"
+
+
+def test_float_samples_never_feed_an_integer_input(every_dtype, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = config(str(every_dtype / "saved_model"))
+    np.savez("evaluation.npz", label=np.zeros(COUNT, int), **{
+        n: (make(np.random.default_rng(0)).astype(np.float32) if n == "token_ids" else make(np.random.default_rng(0)))
+        for n, (_, make) in INPUTS.items()})
+    samples = datasets.materialize(cfg.dataset["evaluation"], key="dataset.evaluation")
+    with atomic_path(layout.samples("evaluation")) as tmp, open(tmp, "wb") as handle:
+        datasets.save(samples, handle)
+    with pytest.raises(InputError, match=r"dataset\.evaluation\.inputs\.token_ids: .*float32.*int32.*never rounded"):
+        steps.convert_model(resolve_model(cfg, "m"))
+
+
+def test_an_array_for_no_input_and_an_input_without_array_are_named(every_dtype):
+    tensors = [datasets.TensorInfo("a", [None, 2], "float32"), datasets.TensorInfo("b", [None, 2], "int32")]
+    outputs = [datasets.TensorInfo("y", [None, 3], "float32")]
+    arrays = {"a": np.zeros((3, 2), np.float32), "b": np.zeros((3, 2), np.int32)}
+    with pytest.raises(InputError, match=r"d\.inputs\.c: the model has no input 'c'"):
+        datasets.bind(datasets.Samples({**arrays, "c": arrays["a"]}), tensors, outputs, key="d")
+    with pytest.raises(InputError, match=r"d\.inputs: no array for the model's input 'b'"):
+        datasets.bind(datasets.Samples({"a": arrays["a"]}), tensors, outputs, key="d")
+    with pytest.raises(InputError, match=r"d\.inputs: the model has 2 inputs \(a, b\): name the array of each"):
+        datasets.bind(datasets.Samples({datasets.ONLY: arrays["a"]}), tensors, outputs, key="d")
+    with pytest.raises(InputError, match=r"d\.inputs\.b: values 0\.\.300 do not fit"):
+        datasets.bind(datasets.Samples({"a": arrays["a"], "b": np.array([[0, 300]] * 3, np.int64)}),
+                      [tensors[0], datasets.TensorInfo("b", [None, 2], "int8")], outputs, key="d")
+
+
+# --- select TF ops ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def flex_project(tmp_path_factory):
+    """A tf.Module whose determinant needs select TF ops, converted, with its reference."""
+    import tensorflow as tf
+
+    folder = tmp_path_factory.mktemp("flex")
+
+    class Determinant(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, 2, 2], tf.float32, name="matrix")])
+        def serve(self, matrix):
+            return {"det": tf.linalg.det(matrix), "scaled": matrix * 2.0}
+
+    module = Determinant()
+    tf.saved_model.save(module, str(folder / "saved_model"), signatures={"serving_default": module.serve})
+    rng = np.random.default_rng(0)
+    for name in ("calibration", "evaluation"):
+        np.savez(folder / f"{name}.npz", x=rng.normal(size=(COUNT, 2, 2)).astype(np.float32))
+    return folder
+
+
+def flex_config(folder, *, accept_unverified: bool = False) -> PipelineConfig:
+    variants = {"float": QuantizationConfig(), "static": VARIANTS["static"], "converter_int8": VARIANTS["converter_int8"]}
+    return PipelineConfig(
+        model={"det": ModelConfig(
+            team="t", source=SourceConfig(path=str(folder / "saved_model")),
+            conversion=ConversionConfig(ops=[OpsSet.builtins, OpsSet.select_tf_ops]),
+            representative=DataRef(dataset="calibration", num_samples=8),
+            evaluation=DataRef(dataset="evaluation", num_samples=8),
+        )},
+        build={f"det-{v}": BuildConfig(model="det", variant=v) for v in variants},
+        quantization=variants,
+        dataset={name: DatasetConfig(path=str(folder / f"{name}.npz"), inputs_key="x")
+                 for name in ("calibration", "evaluation")},
+        runtime={"litert": RuntimeConfig()},
+        validation={"default": ValidationConfig(min_cosine=0.99, max_size_ratio=1.5,
+                                                accept_unverified=accept_unverified)},
+    )
+
+
+@pytest.fixture
+def flex_built(flex_project, monkeypatch):
+    monkeypatch.chdir(flex_project)
+    cfg = flex_config(flex_project)
+    if not layout.ModelPaths.of("det").calibration.exists():
+        materialize_flex = [("calibration", cfg.dataset["calibration"]), ("evaluation", cfg.dataset["evaluation"])]
+        for name, dataset in materialize_flex:
+            with atomic_path(layout.samples(name)) as tmp, open(tmp, "wb") as handle:
+                datasets.save(datasets.materialize(dataset, key=f"dataset.{name}"), handle)
+        run_flex_stages(cfg)
+    return cfg
+
+
+def run_flex_stages(cfg: PipelineConfig) -> None:
+    model = resolve_model(cfg, "det")
+    converted, evaluation = steps.convert_model(model)
+    write_bytes(model.paths.float_model, converted.model)
+    write_json(model.paths.evaluate_report, evaluation.report)
+    with atomic_path(model.paths.reference) as tmp, open(tmp, "wb") as handle:
+        save_reference(evaluation, handle)
+    pool = steps.representative_pool(model)
+    with atomic_path(model.paths.representative) as tmp, open(tmp, "wb") as handle:
+        datasets.save(pool, handle)
+    write_json(model.paths.calibration, steps.shared_calibration(model, pool, converted.model))
+
+
+def test_evaluate_lists_the_flex_ops_the_host_cannot_run(flex_built):
+    report = json.loads(layout.ModelPaths.of("det").evaluate_report.read_text())
+    assert report["host"]["select_tf_ops"] == ["FlexMatrixDeterminant"]
+    assert report["host"]["executable_on_host"] is False
+    calibration = json.loads(layout.ModelPaths.of("det").calibration.read_text())
+    assert "FlexMatrixDeterminant cannot run on this host" in calibration[steps.CALIBRATION_UNAVAILABLE]
+
+
+@pytest.mark.parametrize("variant", ["static", "converter_int8"])
+def test_a_calibrating_variant_of_a_flex_model_fails_before_calibration_naming_variant_and_ops(flex_built, variant):
+    with pytest.raises(ConfigError) as caught:
+        steps.quantize_build(resolve_build(flex_built, f"det-{variant}"))
+    line = caught.value.one_line()
+    assert f"quantization.{variant}:" in line and "FlexMatrixDeterminant" in line and "\n" not in line
+
+
+def test_a_flex_float_build_is_refused_by_default_and_delivered_unverified_when_accepted(flex_built, flex_project):
+    build = resolve_build(flex_built, "det-float")
+    write_bytes(build.paths.delivered, steps.quantize_build(build).model)
+    refused = validate_build(build, build.paths.delivered).report
+    assert not refused["passed"] and refused["verification"] == "unverified"
+    assert any("cosine unverifiable" in failure and "accept_unverified" in failure for failure in refused["failures"])
+    assert {g["gate"]: g["status"] for g in refused["gates"]} == {"min_cosine": "unverifiable", "max_size_ratio": "passed"}
+
+    accepted = validate_build(resolve_build(flex_config(flex_project, accept_unverified=True), "det-float"),
+                              build.paths.delivered).report
+    assert accepted["passed"] and accepted["verification"] == "unverified"
+    assert "cosine" not in accepted["metrics"] and accepted["metrics"]["size_ratio"] <= 1.5
