@@ -40,6 +40,27 @@ def project(tmp_path: Path) -> Path:
     return copy_project(tmp_path / "project")
 
 
+def run_model_stages(cfg, name: str) -> None:
+    """What the convert and representative stages write for model `name`, made by the same
+    pipeline functions, in the current folder (its samples already materialized)."""
+    from pipeline import datasets, steps
+    from pipeline.build import resolve_model
+    from pipeline.evaluate import save_reference
+    from pipeline.io import atomic_path, write_bytes, write_json
+
+    model = resolve_model(cfg, name)
+    converted, evaluation = steps.convert_model(model)
+    write_bytes(model.paths.float_model, converted.model)
+    write_json(model.paths.convert_report, converted.info)
+    write_json(model.paths.evaluate_report, evaluation.report)
+    with atomic_path(model.paths.reference) as tmp, open(tmp, "wb") as handle:
+        save_reference(evaluation, handle)
+    pool = steps.representative_pool(model)
+    with atomic_path(model.paths.representative) as tmp, open(tmp, "wb") as handle:
+        datasets.save(pool, handle)
+    write_json(model.paths.calibration, steps.shared_calibration(model, pool, converted.model))
+
+
 def tiny_keras_model():
     """A digits-shaped classifier: (None, 8, 8, 1) float32 -> 10 softmax scores."""
     import keras

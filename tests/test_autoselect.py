@@ -12,14 +12,13 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from pipeline import autoselect, config, datasets, layout, steps
+from pipeline import autoselect, config, datasets, layout
 from pipeline.build import resolve_model
 from pipeline.config import AutoSelectConfig, DatasetConfig, SourceConfig, SourceFormat
 from pipeline.errors import ConfigError
-from pipeline.evaluate import save_reference
-from pipeline.io import atomic_path, write_bytes, write_json
+from pipeline.io import atomic_path
 from pipeline.quantize.selective import keep_in_float, scope_regex
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_model_stages
 
 BUDGET = 0.005  # half a point of accuracy
 SCALE = 1000.0
@@ -83,17 +82,7 @@ def project(tmp_path_factory):
         for name, part in (("outlier_calibration", slice(0, 1400)), ("outlier_evaluation", slice(1400, None))):
             with atomic_path(layout.samples(name)) as tmp, open(tmp, "wb") as handle:
                 datasets.save(datasets.Samples({datasets.ONLY: inputs[part]}, {datasets.ONLY: labels[part]}), handle)
-        outlier = resolve_model(cfg, "outlier")
-        converted, evaluation = steps.convert_model(outlier)
-        write_bytes(outlier.paths.float_model, converted.model)
-        write_json(outlier.paths.convert_report, converted.info)
-        write_json(outlier.paths.evaluate_report, evaluation.report)
-        with atomic_path(outlier.paths.reference) as tmp, open(tmp, "wb") as handle:
-            save_reference(evaluation, handle)
-        pool = steps.representative_pool(outlier)
-        with atomic_path(outlier.paths.representative) as tmp, open(tmp, "wb") as handle:
-            datasets.save(pool, handle)
-        write_json(outlier.paths.calibration, steps.shared_calibration(outlier, pool, converted.model))
+        run_model_stages(cfg, "outlier")
     return folder, cfg
 
 

@@ -15,9 +15,9 @@ from pipeline.config import (
     QuantizationConfig, RuntimeConfig, SourceConfig, ValidationConfig,
 )
 from pipeline.errors import ConfigError, InputError
-from pipeline.evaluate import save_reference
-from pipeline.io import atomic_path, write_bytes, write_json
+from pipeline.io import atomic_path, write_bytes
 from pipeline.validate import validate_build
+from tests.conftest import run_model_stages
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*experimental_preserve_all_tensors:UserWarning")
 
@@ -97,20 +97,6 @@ def materialize(cfg: PipelineConfig, seed: int) -> None:
             datasets.save(samples, handle)
 
 
-def run_model_stages(cfg: PipelineConfig) -> None:
-    """convert and representative, as their stages do."""
-    model = resolve_model(cfg, "m")
-    converted, evaluation = steps.convert_model(model)
-    write_bytes(model.paths.float_model, converted.model)
-    write_json(model.paths.evaluate_report, evaluation.report)
-    with atomic_path(model.paths.reference) as tmp, open(tmp, "wb") as handle:
-        save_reference(evaluation, handle)
-    pool = steps.representative_pool(model)
-    with atomic_path(model.paths.representative) as tmp, open(tmp, "wb") as handle:
-        datasets.save(pool, handle)
-    write_json(model.paths.calibration, steps.shared_calibration(model, pool, converted.model))
-
-
 @pytest.fixture(scope="module")
 def every_dtype(tmp_path_factory):
     folder = tmp_path_factory.mktemp("every_dtype")
@@ -124,7 +110,7 @@ def built(every_dtype, monkeypatch):
     cfg = config(str(every_dtype / "saved_model"))
     if not layout.ModelPaths.of("m").calibration.exists():
         materialize(cfg, seed=0)
-        run_model_stages(cfg)
+        run_model_stages(cfg, "m")
     return cfg
 
 
@@ -232,21 +218,8 @@ def flex_built(flex_project, monkeypatch):
         for name, dataset in materialize_flex:
             with atomic_path(layout.samples(name)) as tmp, open(tmp, "wb") as handle:
                 datasets.save(datasets.materialize(dataset, key=f"dataset.{name}"), handle)
-        run_flex_stages(cfg)
+        run_model_stages(cfg, "det")
     return cfg
-
-
-def run_flex_stages(cfg: PipelineConfig) -> None:
-    model = resolve_model(cfg, "det")
-    converted, evaluation = steps.convert_model(model)
-    write_bytes(model.paths.float_model, converted.model)
-    write_json(model.paths.evaluate_report, evaluation.report)
-    with atomic_path(model.paths.reference) as tmp, open(tmp, "wb") as handle:
-        save_reference(evaluation, handle)
-    pool = steps.representative_pool(model)
-    with atomic_path(model.paths.representative) as tmp, open(tmp, "wb") as handle:
-        datasets.save(pool, handle)
-    write_json(model.paths.calibration, steps.shared_calibration(model, pool, converted.model))
 
 
 def test_evaluate_lists_the_flex_ops_the_host_cannot_run(flex_built):
