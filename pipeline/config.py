@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from pipeline.errors import ConfigError, InputError
-from pipeline.layout import AUTO_VARIANT, EXAMPLES
+from pipeline.layout import AUTO_VARIANT, EXAMPLES, LABELS, RECIPES
 
 PARAMS_FILE = "params.yaml"
 CONF_DIR = "conf"
@@ -455,6 +455,7 @@ HIGHER_IS_BETTER: dict[str, bool] = {
 
 # Names that reach file paths (models, variants, datasets, builds): no separators, no dots.
 NAME = re.compile(r"[A-Za-z0-9_]+")
+REGISTRY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 # Tensor names as LiteRT signatures spell them.
 TENSOR_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]*")
 INTEGER_RANGES = {TensorDtype.int32: (-2**31, 2**31 - 1), TensorDtype.int64: (-2**63, 2**63 - 1),
@@ -513,6 +514,15 @@ def _check_references(cfg: PipelineConfig, file: str) -> None:
                 file=file,
                 key=f"{key}.source.factory",
             )
+        if not source.trusted:
+            _check_inside_project(source.path, file, f"{key}.source.path")
+        for role in ("inputs", "outputs"):
+            for index, tensor in enumerate(getattr(model.metadata, role)):
+                if tensor.labels is not None:
+                    _check_inside_project(tensor.labels, file, f"{key}.metadata.{role}[{index}].labels", under=LABELS)
+        if model.registry_name and not REGISTRY_NAME.fullmatch(model.registry_name):
+            raise ConfigError("registered model names use A-Z, a-z, 0-9, _ . and - only", file=file,
+                              key=f"{key}.registry_name")
         _check_overlap(model, data, key, file)
         evaluation = data[model.evaluation.dataset]
         if cfg.validation[model.validation].needs_labels and not evaluation.labelled:
@@ -552,6 +562,8 @@ def _check_references(cfg: PipelineConfig, file: str) -> None:
                     file=file,
                     key=f"{key}.recipe",
                 )
+            if recipe not in LITERT_RECIPES:
+                _check_inside_project(recipe, file, f"{key}.recipe", under=RECIPES)
         if variant.backend is Backend.converter and variant.mode is None:
             raise ConfigError("the converter backend needs a mode", file=file, key=f"{key}.mode")
         if variant.num_samples is not None:
@@ -584,7 +596,18 @@ def _check_references(cfg: PipelineConfig, file: str) -> None:
             raise ConfigError(exc.message, file="$MLFLOW_TRACKING_URI" if env_uri else file, key=exc.key) from None
 
 
+def _check_inside_project(path: str, file: str, key: str, under: Path | None = None) -> None:
+    """A path a config names stays in the project (and in `under`, the folder DVC tracks for it)."""
+    normal = Path(os.path.normpath(path))
+    if normal.is_absolute() or normal.parts[:1] == ("..",):
+        raise ConfigError(f"'{path}' is outside the project: name a path relative to it", file=file, key=key)
+    if under is not None and normal.parts[:len(under.parts)] != under.parts:
+        raise ConfigError(f"'{path}' must live in {under}/ (a dependency of the stages that read it)", file=file,
+                          key=key)
+
+
 def _check_dataset(dataset: DatasetConfig, key: str, file: str) -> None:
+    _check_inside_project(dataset.path, file, f"{key}.path")
     if dataset.type is DatasetType.npz:
         if bool(dataset.inputs) == bool(dataset.inputs_key):
             raise ConfigError("name the arrays: inputs_key (a one-input model) or inputs (input name -> array "

@@ -20,6 +20,7 @@ REPORTS = Path("reports")  # validation reports and auto-selection trails
 COMPARISON = Path("comparison")  # per-model comparison of the variants
 EXAMPLES = Path("examples")  # bundled example models and data, built by `prepare`
 LABELS = Path("conf/labels")  # label files named by metadata configs (tracked as a dependency)
+RECIPES = Path("conf/recipes")  # JSON recipes named by quantization variants (tracked as a dependency)
 AUTO_VARIANT = "auto"  # the variant name of a model's auto-selected build
 VALIDATION_JSON = "validation.json"
 AUTOSELECT_JSON = "autoselect.json"
@@ -136,13 +137,13 @@ def stage_files(stage: str, key: str, cfg: "PipelineConfig") -> tuple[set[str], 
                     strings(comparison.markdown, comparison.csv, comparison.json, comparison.pareto_png,
                             comparison.pareto_json))
         auto, build = AutoSelectPaths.of(key), BuildPaths.of(key, AUTO_VARIANT)
-        return (strings(LABELS, *vars(files).values()),
+        return (strings(LABELS, RECIPES, *vars(files).values()),
                 strings(build.delivered, build.validation_json, build.validation_markdown, auto.trail_json,
                         auto.trail_markdown, auto.recipe))
     build = cfg.build[key]
     files, out = ModelPaths.of(build.model), BuildPaths.of(build.model, build.variant)
     if stage == "quantize":
-        return (strings(files.float_model, files.representative, files.calibration, files.evaluate_report),
+        return (strings(RECIPES, files.float_model, files.representative, files.calibration, files.evaluate_report),
                 strings(out.quantized, out.quantize_report))
     if stage == "metadata":
         return (strings(LABELS, out.quantized, out.quantize_report, files.convert_report),

@@ -48,7 +48,8 @@ BATCH_LIMIT = 100  # MLflow takes at most 100 params or tags per log_batch reque
 
 # A key names a secret when any of its dotted parts does; our schema's own *_key fields
 # name tensors and signatures, not credentials.
-SECRET_WORD = re.compile(r"token|passw(or)?d|secret|credential|key(s|_?id)?$", re.IGNORECASE)
+SECRET_WORD = re.compile(r"token|secret|passw(or)?d|passphrase|pwd|credential|private|auth(?!or)|bearer|cookie"
+                         r"|api_?key|access_?key|key(s|_?id)?$", re.IGNORECASE)
 SCHEMA_KEYS = frozenset({"signature_key", "inputs_key", "labels_key"})
 REDACTED = "***"
 

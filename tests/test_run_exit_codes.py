@@ -82,8 +82,8 @@ def project(tmp_path_factory):
     (conf / "model" / "broken.yaml").write_text(MODEL.format(name="broken", path="broken/saved_model"))
     (conf / "model" / "wide.yaml").write_text(MODEL.format(name="wide", path="wide/saved_model"))
     (conf / "quantization" / "bad_recipe.yaml").write_text(
-        "# @package quantization.bad_recipe\nbackend: litert_quantizer\nrecipe: tiny/recipe.json\n")
-    (project / "tiny" / "recipe.json").write_text("[{not json")  # read when the build quantizes: exit 2
+        "# @package quantization.bad_recipe\nbackend: litert_quantizer\nrecipe: conf/recipes/bad.json\n")
+    (project / "conf" / "recipes" / "bad.json").write_text("[{not json")  # read when the build quantizes: exit 2
     for seed, name in enumerate(("tiny_calibration", "tiny_evaluation")):
         (conf / "generator" / f"{name}.yaml").write_text(GENERATOR.format(name=name, seed=seed))
     for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "fixture"]):
@@ -107,7 +107,7 @@ def test_failures_exit_with_the_most_severe_code_and_spare_the_other_builds(proj
     assert _run(project).returncode == EXIT_CONFIG
     assert (project / "models/wide/float.tflite").is_file()
 
-    (project / "tiny" / "recipe.json").write_text(json.dumps([]))  # still invalid (empty): still exit 2
+    (project / "conf" / "recipes" / "bad.json").write_text(json.dumps([]))  # still invalid (empty): still exit 2
     assert _run(project).returncode == EXIT_CONFIG
     (project / "conf" / "model" / "tiny.yaml").write_text(
         MODEL.format(name="tiny", path="tiny/saved_model") + EXTRA_BUILDS.splitlines(keepends=True)[0])

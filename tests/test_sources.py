@@ -193,3 +193,26 @@ def test_keras_recurrent_layers_need_unroll_for_builtin_ops(tmp_path, unroll):
     cfg.conversion = ConversionConfig(ops=[OpsSet.builtins, OpsSet.select_tf_ops])
     host = host_support(op_uses(convert_float(source, cfg, "m").model))
     assert not host["executable_on_host"] and host["builtin_paths"] == [BUILTIN_PATHS["TensorList"]]
+
+
+def test_no_other_project_function_can_be_named_by_an_untrusted_config():
+    import importlib
+    import inspect
+    import pkgutil
+
+    import pipeline
+    from pipeline.sources import TRUSTED_FUNCTIONS, TRUSTED_MODULES
+
+    refused = 0
+    for module_info in pkgutil.walk_packages(pipeline.__path__, "pipeline."):
+        module = importlib.import_module(module_info.name)
+        for name, value in vars(module).items():
+            reference = f"{module_info.name}:{name}"
+            if not callable(value) or reference in TRUSTED_FUNCTIONS or module_info.name in TRUSTED_MODULES:
+                continue
+            with pytest.raises(ConfigError, match="without trust|not 'module:function'"):
+                resolve_factory(reference, trusted=False, key="k")
+            refused += 1
+    assert refused > 200
+    for reference in TRUSTED_FUNCTIONS:
+        assert inspect.isfunction(resolve_factory(reference, trusted=False, key="k"))

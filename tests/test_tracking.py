@@ -60,12 +60,16 @@ def test_children_of_a_parent_run(store, monkeypatch):
 
 def test_secrets_are_masked_at_any_depth_and_schema_keys_are_not():
     flat = tracking.flatten({"source": {"signature_key": "serving_default", "factory_args": {
-        "hf_token": "t", "credentials": {"user": "u"}, "aws_access_key_id": "AKIA", "api_key": "k", "n": 3}},
+        "hf_token": "t", "credentials": {"user": "u"}, "aws_access_key_id": "AKIA", "api_key": "k", "n": 3,
+        "db_pwd": "p", "passphrase": "p", "OAuth_header": "h", "private_pem": "-----", "bearer": "b",
+        "session_cookie": "c", "accessKey": "k"}},
         "dataset": {"inputs_key": "x", "labels_key": "y"}, "metadata": {"author": "me"}})
     redacted = tracking.redact(flat)
     assert {k for k, v in redacted.items() if v == tracking.REDACTED} == {
         "source.factory_args.hf_token", "source.factory_args.credentials.user",
-        "source.factory_args.aws_access_key_id", "source.factory_args.api_key"}
+        "source.factory_args.aws_access_key_id", "source.factory_args.api_key", "source.factory_args.db_pwd",
+        "source.factory_args.passphrase", "source.factory_args.OAuth_header", "source.factory_args.private_pem",
+        "source.factory_args.bearer", "source.factory_args.session_cookie", "source.factory_args.accessKey"}
     assert redacted["source.signature_key"] == "serving_default" and redacted["dataset.inputs_key"] == "x"
     assert redacted["metadata.author"] == "me" and redacted["source.factory_args.n"] == 3
 

@@ -12,15 +12,26 @@ OUTPUT = "model.digits.metadata.outputs[0]"
 
 
 def test_label_file_with_the_wrong_count(tiny_project):
-    (tiny_project / "tiny/labels.txt").write_text("zero\none\ntwo\n")
-    set_params(tiny_project, {"model.digits.metadata.outputs": [{"name": "scores", "labels": "tiny/labels.txt"}]})
+    (tiny_project / "conf/labels/three.txt").write_text("zero\none\ntwo\n")
+    set_params(tiny_project, {"model.digits.metadata.outputs": [{"name": "scores", "labels": "conf/labels/three.txt"}]})
     line = fails_cleanly(tiny_project, METADATA, EXIT_CONFIG, "params.yaml", f"{OUTPUT}.labels")
     assert "3 labels" in line and "10" in line
 
 
 def test_label_file_missing(tiny_project):
-    set_params(tiny_project, {"model.digits.metadata.outputs": [{"name": "scores", "labels": "tiny/none.txt"}]})
-    fails_cleanly(tiny_project, METADATA, EXIT_INPUT, "tiny/none.txt", f"{OUTPUT}.labels")
+    set_params(tiny_project, {"model.digits.metadata.outputs": [{"name": "scores", "labels": "conf/labels/none.txt"}]})
+    fails_cleanly(tiny_project, METADATA, EXIT_INPUT, "conf/labels/none.txt", f"{OUTPUT}.labels")
+
+
+@pytest.mark.parametrize(("labels", "words"), [
+    ("tiny/labels.txt", "must live in conf/labels/"),  # edited there, it would not rebuild the model
+    ("/etc/passwd", "outside the project"),
+    ("conf/labels/../../../secret.txt", "outside the project"),
+])
+def test_label_files_come_from_conf_labels_only(tiny_project, labels, words):
+    set_params(tiny_project, {"model.digits.metadata.outputs": [{"name": "scores", "labels": labels}]})
+    line = fails_cleanly(tiny_project, METADATA, EXIT_CONFIG, "params.yaml", f"{OUTPUT}.labels")
+    assert words in line
 
 
 def test_normalization_length_mismatch(tiny_project):
@@ -45,11 +56,18 @@ def test_missing_upstream_artifact(tiny_project):
     ids=["malformed_json", "not_a_list", "invalid_entry"],
 )
 def test_invalid_custom_recipe(tiny_project, content, words):
-    (tiny_project / "tiny/recipe.json").write_text(content)
-    set_params(tiny_project, {"quantization.dynamic_wi8_afp32.recipe": "tiny/recipe.json"})
-    line = fails_cleanly(tiny_project, stage("quantize", "digits-dynamic_wi8_afp32"), EXIT_CONFIG, "tiny/recipe.json",
-                         "quantization.dynamic_wi8_afp32.recipe")
+    (tiny_project / "conf/recipes/recipe.json").write_text(content)
+    set_params(tiny_project, {"quantization.dynamic_wi8_afp32.recipe": "conf/recipes/recipe.json"})
+    line = fails_cleanly(tiny_project, stage("quantize", "digits-dynamic_wi8_afp32"), EXIT_CONFIG,
+                         "conf/recipes/recipe.json", "quantization.dynamic_wi8_afp32.recipe")
     assert words in line
+
+
+def test_a_recipe_outside_conf_recipes_is_refused(tiny_project):
+    set_params(tiny_project, {"quantization.dynamic_wi8_afp32.recipe": "tiny/recipe.json"})
+    line = fails_cleanly(tiny_project, stage("quantize", "digits-dynamic_wi8_afp32"), EXIT_CONFIG, "params.yaml",
+                         "quantization.dynamic_wi8_afp32.recipe")
+    assert "must live in conf/recipes/" in line
 
 
 def _corrupt_model(project) -> str:
