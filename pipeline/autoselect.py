@@ -24,13 +24,7 @@ from typing import Any
 
 from pipeline import deliver, steps
 from pipeline.build import Build, Model, derive
-from pipeline.config import (
-    AUTO_VARIANT,
-    AutoSelectConfig,
-    Backend,
-    QuantizationConfig,
-    plain,
-)
+from pipeline.config import AUTO_VARIANT, AutoSelectConfig, Backend, QuantizationConfig, plain
 from pipeline.evaluate import load_reference
 from pipeline.io import read_bytes
 from pipeline.layout import AutoSelectPaths

@@ -179,10 +179,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that write params.yaml, run stages or upload the queue take the project lock.
+LOCKED = {"compose", "run", "nightly", "sweep", "sync"}
+
+
 @exit_on_error
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    sys.exit(args.func(args))
+    if args.command not in LOCKED:
+        sys.exit(args.func(args))
+    from pipeline.repro import project_lock
+
+    with project_lock(args.command):
+        code = args.func(args)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

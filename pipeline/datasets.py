@@ -20,14 +20,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from pipeline.config import (
-    DataRef,
-    DatasetConfig,
-    DatasetType,
-    Distribution,
-    GeneratorConfig,
-    TensorDtype,
-)
+from pipeline.config import DataRef, DatasetConfig, DatasetType, Distribution, GeneratorConfig, TensorDtype
 from pipeline.errors import InputError
 from pipeline.io import save_npz
 

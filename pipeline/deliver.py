@@ -16,13 +16,7 @@ from pipeline import __version__
 from pipeline.build import Build
 from pipeline.config import PARAMS_FILE, config_hash, plain
 from pipeline.errors import ConfigError, InputError
-from pipeline.metadata import (
-    PROVENANCE_FILE,
-    ModelSpec,
-    TensorSpec,
-    attach_metadata,
-    check_spec,
-)
+from pipeline.metadata import PROVENANCE_FILE, ModelSpec, TensorSpec, attach_metadata, check_spec
 from pipeline.sources import served_signature
 from pipeline.tflite_model import signature
 

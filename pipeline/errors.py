@@ -13,6 +13,7 @@ EXIT_INPUT = 3
 EXIT_GATE = 4
 EXIT_TRACKING = 5
 EXIT_OUTPUT = 7
+EXIT_BUSY = 8
 
 
 class PipelineError(Exception):
@@ -54,6 +55,12 @@ class TrackingError(PipelineError):
     """The MLflow tracking server could not be reached or refused a request."""
 
     exit_code = EXIT_TRACKING
+
+
+class BusyError(PipelineError):
+    """Another invocation holds the project (run, nightly, sweep, compose, sync): nothing was changed."""
+
+    exit_code = EXIT_BUSY
 
 
 class OutputError(PipelineError):

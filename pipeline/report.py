@@ -22,13 +22,7 @@ from typing import Any
 
 from pipeline.errors import InputError
 from pipeline.io import atomic_path, write_json, write_text
-from pipeline.layout import (
-    AUTO_VARIANT,
-    VALIDATION_JSON,
-    AutoSelectPaths,
-    ComparisonPaths,
-    report_dir,
-)
+from pipeline.layout import AUTO_VARIANT, VALIDATION_JSON, AutoSelectPaths, ComparisonPaths, report_dir
 
 CSV_COLUMNS = (
     "model", "variant", "size_bytes", "size_ratio", "accuracy", "accuracy_drop", "cosine", "snr_db",

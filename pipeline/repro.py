@@ -7,6 +7,8 @@ when MLflow is unreachable and optional.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -15,19 +17,39 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from pipeline import config, layout, tracking
 from pipeline.config import PipelineConfig
-from pipeline.errors import (
-    EXIT_INTERNAL,
-    EXIT_OK,
-    OUTCOMES_ENV,
-    InputError,
-    most_severe,
-)
+from pipeline.errors import EXIT_INTERNAL, EXIT_OK, OUTCOMES_ENV, BusyError, InputError, OutputError, most_severe
 from pipeline.io import write_text
 
 BIN = Path(sys.executable).parent
+# Held by each invocation that writes params.yaml or runs the stages (flock: a killed holder
+# releases it). A second invocation refuses at once, so no build is validated under its gates.
+LOCK_FILE = Path(".litert/lock")
+
+
+@contextlib.contextmanager
+def project_lock(command: str) -> Iterator[None]:
+    """Hold the project for `command`; BusyError naming the holder when another invocation has it."""
+    try:
+        LOCK_FILE.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise OutputError(f"cannot open the project lock: {exc.strerror}", file=str(LOCK_FILE)) from None
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(descriptor, 200, 0).decode(errors="replace").strip() or "another invocation"
+            raise BusyError(f"{holder} holds the project: wait for it to finish (nothing was changed)",
+                            file=str(LOCK_FILE)) from None
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, f"litert-pipeline {command} (pid {os.getpid()})".encode(), 0)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
 
 
 @dataclass(frozen=True)

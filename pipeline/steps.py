@@ -12,12 +12,7 @@ from pipeline import datasets, layout
 from pipeline import quantize as quantize_backends
 from pipeline.build import Build, Model
 from pipeline.config import Backend
-from pipeline.convert import (
-    Converted,
-    convert_float,
-    converter_factory,
-    converter_options,
-)
+from pipeline.convert import Converted, convert_float, converter_factory, converter_options
 from pipeline.errors import PipelineError
 from pipeline.evaluate import Evaluation, evaluate
 from pipeline.io import read_bytes, sha256_path

@@ -160,3 +160,37 @@ def test_builds_registering_new_bytes_at_the_same_instant_make_one_version(mlflo
     versions = client.search_model_versions(f"name = '{NAME}' and tags.`{registry.SHA256_TAG}` = '{sha256}'")
     assert len(versions) == 1, [v.version for v in versions]  # without the registry's check: 4 of 6
     assert client.get_registered_model(NAME).aliases["candidate-float"] == versions[0].version
+
+
+def test_a_second_invocation_refuses_while_one_holds_the_project_and_changes_nothing(tmp_path, monkeypatch):
+    from pipeline import repro
+    from pipeline.errors import EXIT_BUSY
+
+    project = copy_project(tmp_path / "project")
+    params = (project / "params.yaml").read_bytes()
+    monkeypatch.chdir(project)
+    with repro.project_lock("run"):
+        result = run_cli("litert-pipeline", "run", "model=[digits]", "validation.classifier.min_cosine=0.1",
+                         cwd=project)
+    assert result.returncode == EXIT_BUSY, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: .litert/lock: litert-pipeline run (pid {os.getpid()}) holds the project: wait for it to finish "
+        "(nothing was changed)")
+    assert (project / "params.yaml").read_bytes() == params
+
+
+def test_a_killed_holder_releases_the_project(tmp_path, monkeypatch):
+    import signal
+    import sys
+
+    from pipeline import repro
+
+    monkeypatch.chdir(tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", "from pipeline import repro\nimport time\n"
+                               "with repro.project_lock('nightly'):\n    print('held', flush=True); time.sleep(60)"],
+                              cwd=tmp_path, stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert holder.stdout.readline().strip() == b"held"
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    with repro.project_lock("run"):
+        pass
