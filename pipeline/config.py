@@ -586,6 +586,7 @@ def _check_references(cfg: PipelineConfig, file: str) -> None:
                               key=f"nightly.tolerance.{metric}")
         _finite(allowed, file, f"nightly.tolerance.{metric}")
         _at_least(allowed, 0, file, f"nightly.tolerance.{metric}")
+    _check_inside_project(cfg.nightly.summary, file, "nightly.summary")
     _within(cfg.tracking.http_retries, 0, 10, file, "tracking.http_retries")
     _within(cfg.tracking.http_timeout_seconds, 1, 600, file, "tracking.http_timeout_seconds")
     if cfg.tracking.enabled:  # a malformed URI fails before any work, not when the first stage logs
@@ -696,17 +697,55 @@ def _within(value: float, low: float, high: float, file: str, key: str) -> None:
         raise ConfigError(f"must be between {low} and {high}, not {value}", file=file, key=key)
 
 
-def load(path: str | Path = PARAMS_FILE, *, require_sources: bool = False) -> PipelineConfig:
-    """Load and validate `params.yaml`. With `require_sources`, source paths must exist."""
-    from omegaconf import OmegaConf
+# YAML is read whole and expanded by OmegaConf: bound both (anchors and aliases can make a
+# small file expand to billions of nodes).
+MAX_YAML_BYTES = 8 << 20
+MAX_YAML_NODES = 1_000_000
+
+
+def read_yaml_text(path: str | Path) -> str:
+    """A YAML file's text, refused (ConfigError, one line) when it is not a regular UTF-8 file
+    within MAX_YAML_BYTES, or when its aliases would expand past MAX_YAML_NODES."""
+    import yaml
 
     file = str(path)
     try:
+        if not Path(path).is_file():
+            raise ConfigError("cannot read: not a regular file" if Path(path).exists() else
+                              "cannot read: No such file or directory", file=file)
+        if Path(path).stat().st_size > MAX_YAML_BYTES:
+            raise ConfigError(f"{Path(path).stat().st_size:,} bytes (the limit is {MAX_YAML_BYTES:,})", file=file)
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read: {exc.strerror}", file=file) from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"not UTF-8 text: {exc.reason} at byte {exc.start}", file=file) from None
+    try:
+        root = yaml.compose(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except yaml.YAMLError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"malformed YAML: {first}", file=file) from None
+    sizes: dict[int, int] = {}
+
+    def expanded(node: Any) -> int:  # shared (aliased) nodes counted once per use, computed once
+        if id(node) not in sizes:
+            sizes[id(node)] = 0  # a recursive alias counts as nothing more
+            children = node.value if isinstance(node.value, list) else []
+            pairs = [part for child in children for part in (child if isinstance(child, tuple) else (child,))]
+            sizes[id(node)] = min(1 + sum(expanded(child) for child in pairs), MAX_YAML_NODES + 1)
+        return sizes[id(node)]
+
+    if root is not None and expanded(root) > MAX_YAML_NODES:
+        raise ConfigError(f"expands to more than {MAX_YAML_NODES:,} values (anchors and aliases)", file=file)
+    return text
+
+
+def load(path: str | Path = PARAMS_FILE, *, require_sources: bool = False) -> PipelineConfig:
+    """Load and validate `params.yaml`. With `require_sources`, source paths must exist."""
+    from omegaconf import OmegaConf
+
+    file = str(path)
+    text = read_yaml_text(path)
     try:
         raw = OmegaConf.create(text)
     except Exception as exc:  # YAML syntax errors come from several parsers
@@ -754,6 +793,8 @@ def compose(overrides: list[str] | None = None, conf_dir: str | Path = CONF_DIR)
     from omegaconf.errors import OmegaConfBaseException
 
     conf_path = Path(conf_dir).resolve()
+    for conf_file in sorted(Path(conf_dir).rglob("*.yaml")):  # Hydra reads them whole: bound them first
+        read_yaml_text(conf_file)
     try:
         with initialize_config_dir(str(conf_path), version_base=None):
             cfg = hydra_compose(config_name=CONFIG_NAME, overrides=list(overrides or []))

@@ -13,7 +13,6 @@ names no input: its array is stored under `ONLY` and feeds a model's only input.
 from __future__ import annotations
 
 import hashlib
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -22,11 +21,9 @@ import numpy as np
 
 from pipeline.config import DataRef, DatasetConfig, DatasetType, Distribution, GeneratorConfig, TensorDtype
 from pipeline.errors import InputError
-from pipeline.io import save_npz
+from pipeline.io import read_npz, save_npz
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
-# What np.load raises for a missing, truncated, pickled or otherwise malformed .npz.
-NPZ_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
 # The tensor name of a short-form config's array: the model's only input (or output, for labels).
 ONLY = "*"
 INPUT, LABEL = "input:", "label:"
@@ -128,18 +125,16 @@ def _read_npz(dataset: DatasetConfig, key: str) -> Samples:
         raise InputError("no such file", file=dataset.path, key=f"{key}.path")
     inputs = dataset.inputs or {ONLY: dataset.inputs_key or ""}
     labels = dataset.labels or ({ONLY: dataset.labels_key} if dataset.labels_key else {})
-    try:
-        with np.load(dataset.path, allow_pickle=False) as archive:
-            def array(name: str, array_key: str, role: str) -> np.ndarray:
-                if array_key not in archive.files:
-                    raise InputError(f"no array '{array_key}' (has: {', '.join(archive.files) or 'none'})",
-                                     file=dataset.path, key=_array_key(dataset, key, name, role))
-                return archive[array_key]
+    archive = read_npz(dataset.path, key=key, what=".npz")
 
-            return Samples({name: array(name, k, INPUT) for name, k in inputs.items()},
-                           {name: array(name, k, LABEL) for name, k in labels.items()})
-    except NPZ_ERRORS as exc:
-        raise InputError(f"cannot read .npz: {' '.join(str(exc).split())}", file=dataset.path, key=key) from None
+    def array(name: str, array_key: str, role: str) -> np.ndarray:
+        if array_key not in archive:
+            raise InputError(f"no array '{array_key}' (has: {', '.join(archive) or 'none'})",
+                             file=dataset.path, key=_array_key(dataset, key, name, role))
+        return archive[array_key]
+
+    return Samples({name: array(name, k, INPUT) for name, k in inputs.items()},
+                   {name: array(name, k, LABEL) for name, k in labels.items()})
 
 
 def _read_images(dataset: DatasetConfig, key: str) -> Samples:
@@ -207,12 +202,9 @@ def save(samples: Samples, handle) -> None:
 
 
 def read(path: str | Path, *, key: str) -> Samples:
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            inputs = {k[len(INPUT):]: archive[k] for k in archive.files if k.startswith(INPUT)}
-            labels = {k[len(LABEL):]: archive[k] for k in archive.files if k.startswith(LABEL)}
-    except NPZ_ERRORS as exc:
-        raise InputError(f"cannot read samples: {' '.join(str(exc).split())}", file=str(path), key=key) from None
+    archive = read_npz(path, key=key, what="samples")
+    inputs = {k[len(INPUT):]: v for k, v in archive.items() if k.startswith(INPUT)}
+    labels = {k[len(LABEL):]: v for k, v in archive.items() if k.startswith(LABEL)}
     if not inputs:
         raise InputError("holds no input arrays: materialize it again", file=str(path), key=key)
     return Samples(inputs, labels)

@@ -15,7 +15,8 @@ from typing import Any
 from pipeline import __version__
 from pipeline.build import Build
 from pipeline.config import PARAMS_FILE, config_hash, plain
-from pipeline.errors import ConfigError, InputError
+from pipeline.errors import ConfigError
+from pipeline.io import read_regular_file
 from pipeline.metadata import PROVENANCE_FILE, ModelSpec, TensorSpec, attach_metadata, check_spec
 from pipeline.sources import served_signature
 from pipeline.tflite_model import signature
@@ -72,10 +73,7 @@ def metadata_spec(build: Build, quantized: bytes) -> tuple[ModelSpec, dict[str, 
     def tensor(entry, key: str) -> TensorSpec:
         labels = None
         if entry.labels:
-            try:
-                files[Path(entry.labels).name] = Path(entry.labels).read_bytes()
-            except OSError as exc:
-                raise InputError(f"cannot read labels: {exc.strerror}", file=entry.labels, key=f"{key}.labels") from None
+            files[Path(entry.labels).name] = read_regular_file(entry.labels, key=f"{key}.labels", what="labels")
             labels = Path(entry.labels).name
         fields = plain(entry)
         fields.update(labels=labels, mean=tuple(entry.mean), std=tuple(entry.std), min=tuple(entry.min), max=tuple(entry.max))

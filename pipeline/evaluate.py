@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.datasets import INPUT, LABEL, NPZ_ERRORS, Samples
+from pipeline.datasets import INPUT, LABEL, Samples
 from pipeline.errors import InputError
-from pipeline.io import save_npz
+from pipeline.io import read_npz, save_npz
 from pipeline.sources import LoadedSource
 from pipeline.tflite_model import OpUse
 
@@ -118,11 +118,7 @@ def save_reference(evaluation: Evaluation, handle) -> None:
 
 
 def load_reference(path) -> tuple[Samples, dict[str, np.ndarray]]:
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {k: archive[k] for k in archive.files}
-    except NPZ_ERRORS as exc:
-        raise InputError(f"cannot read reference outputs: {' '.join(str(exc).split())}", file=str(path)) from None
+    arrays = read_npz(path, what="reference outputs")
 
     def part(prefix: str) -> dict[str, np.ndarray]:
         return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}

@@ -82,6 +82,63 @@ def save_npz(handle: BinaryIO, arrays: Mapping[str, Any]) -> None:
                 np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
 
 
+# Arrays read from an .npz: bounded before anything is allocated (a header can declare any shape).
+MAX_NPZ_MEMBERS = 1000
+MAX_NPZ_BYTES = 4 << 30
+# What np.load raises for a truncated, pickled or otherwise malformed .npz.
+NPZ_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
+
+
+def read_npz(path: str | os.PathLike, *, key: str | None = None, what: str = "arrays") -> dict[str, Any]:
+    """Every array of an .npz file (no pickles), after checking the member count and the sizes
+    the members' headers declare; a malformed file is an InputError naming `path` and `key`."""
+    import numpy as np
+
+    file = str(path)
+    if not Path(path).is_file():  # a folder, a FIFO or a device is not an archive (and may block)
+        raise InputError("no such file", file=file, key=key)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+            if len(members) > MAX_NPZ_MEMBERS:
+                raise InputError(f"{len(members)} arrays (the limit is {MAX_NPZ_MEMBERS})", file=file, key=key)
+            declared = 0
+            for member in members:
+                with archive.open(member) as handle:
+                    version = np.lib.format.read_magic(handle)
+                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = read_header(handle)
+                declared += int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+            if declared > MAX_NPZ_BYTES:
+                raise InputError(f"declares {declared:,} bytes of arrays (the limit is {MAX_NPZ_BYTES:,})", file=file,
+                                 key=key)
+        with np.load(path, allow_pickle=False) as loaded:
+            return {name: loaded[name] for name in loaded.files}
+    except NPZ_ERRORS as exc:
+        raise InputError(f"cannot read {what}: {' '.join(str(exc).split())}", file=file, key=key) from None
+
+
+# Small text files configs name (labels, recipes): read whole, so bounded.
+MAX_CONFIG_FILE_BYTES = 16 << 20
+
+
+def read_regular_file(path: str | os.PathLike, *, key: str | None = None, what: str = "file",
+                      limit: int = MAX_CONFIG_FILE_BYTES) -> bytes:
+    """A file a config names: a regular file (not a FIFO or device, which could block or never end)
+    of at most `limit` bytes."""
+    file = Path(path)
+    try:
+        if not file.is_file():
+            raise InputError(f"cannot read {what}: not a regular file" if file.exists() else
+                             f"cannot read {what}: No such file or directory", file=str(path), key=key)
+        if file.stat().st_size > limit:
+            raise InputError(f"{what} of {file.stat().st_size:,} bytes (the limit is {limit:,})", file=str(path), key=key)
+        return file.read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read {what}: {exc.strerror}", file=str(path), key=key) from None
+
+
 def read_bytes(path: str | os.PathLike, *, key: str | None = None) -> bytes:
     try:
         return Path(path).read_bytes()

@@ -55,6 +55,8 @@ def load_source(model: ModelConfig, name: str, *, file: str = "params.yaml") -> 
     if not path.exists():
         raise InputError(f"source path '{path}' does not exist", file=file, key=f"{key}.path")
     fmt = model.source.format
+    if fmt in (SourceFormat.keras, SourceFormat.h5) and not path.is_file():  # a FIFO or device would block
+        raise InputError(f"'{path}' is not a regular file", file=str(path), key=f"{key}.path")
     if fmt in (SourceFormat.saved_model, SourceFormat.jax):
         path_name = "jax2tf_saved_model" if fmt is SourceFormat.jax else "from_saved_model"
         return _from_saved_model(path, model, key, path_name)

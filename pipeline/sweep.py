@@ -289,6 +289,8 @@ class Sweep:
 
 
 def _start(overrides: list[str], conf_dir: str, name: str, kind: str) -> Sweep:
+    if not config.NAME.fullmatch(name):  # it names the sweep's folder
+        raise ConfigError("sweep names use A-Z, a-z, 0-9 and _ only", key="--name")
     prepare_shared(overrides, conf_dir)
     cfg = config.load()
     stamp = f"{datetime.now():%Y%m%d-%H%M%S}"

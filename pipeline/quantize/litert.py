@@ -22,6 +22,7 @@ from tqdm import tqdm
 from pipeline.config import LITERT_RECIPES, Backend, IoType, QuantizationConfig
 from pipeline.datasets import Samples
 from pipeline.errors import ConfigError, GateError, InputError, first_line
+from pipeline.io import read_regular_file
 
 Recipe = list[dict[str, Any]]
 
@@ -36,10 +37,10 @@ def load_recipe(recipe: str, *, key: str) -> Recipe:
     if recipe in LITERT_RECIPES:
         return getattr(named_recipes, recipe)()
     try:
-        loaded = json.loads(Path(recipe).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"cannot read recipe: {exc.strerror}", file=recipe, key=key) from None
-    except json.JSONDecodeError as exc:
+        loaded = json.loads(read_regular_file(recipe, key=key, what="recipe").decode("utf-8"))
+    except InputError as exc:
+        raise ConfigError(exc.message, file=recipe, key=key) from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ConfigError(f"malformed JSON: {exc}", file=recipe, key=key) from None
     if not isinstance(loaded, list) or not loaded or not all(isinstance(entry, dict) for entry in loaded):
         raise ConfigError("a recipe is a non-empty JSON list of op configs", file=recipe, key=key)

@@ -96,7 +96,7 @@ def snapshot(root: Path) -> dict[str, str]:
     return {
         path.relative_to(root).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
         for path in sorted(root.rglob("*"))
-        if "__pycache__" not in path.parts
+        if "__pycache__" not in path.parts and path.relative_to(root).as_posix() != ".litert/lock"  # the one-run lock
     }
 
 

@@ -99,3 +99,18 @@ def test_unknown_build_on_the_command_line(tiny_project):
     line = fails_cleanly(tiny_project, stage("quantize", "digits-nosuch"), EXIT_CONFIG, "params.yaml",
                          "build.digits-nosuch")
     assert "digits-float" in line  # lists the known builds
+
+
+def test_yaml_anchors_that_expand_to_billions_of_values_are_refused(tiny_project):
+    rows = ["a: &a [x, x, x, x, x, x, x, x, x, x]"]
+    rows += [f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 10)}]" for i in range(9)]
+    (tiny_project / "params.yaml").write_text("\n".join(rows) + "\n")
+    line = fails_cleanly(tiny_project, stage("data", "digits_calibration"), EXIT_CONFIG, "params.yaml")
+    assert "expands to more than 1,000,000 values" in line
+
+
+def test_a_nightly_summary_outside_the_project_is_refused(tiny_project):
+    set_params(tiny_project, {"nightly.summary": "/tmp/elsewhere/nightly"})
+    line = fails_cleanly(tiny_project, stage("data", "digits_calibration"), EXIT_CONFIG, "params.yaml",
+                         "nightly.summary")
+    assert "outside the project" in line

@@ -103,3 +103,25 @@ def test_corrupt_reference_outputs(tiny_project):
     reference.write_bytes(b"PK\x03\x04 not really a zip")
     line = fails_cleanly(tiny_project, stage("validate", "digits-float"), EXIT_INPUT, "artifacts/digits/reference.npz")
     assert "cannot read reference outputs" in line
+
+
+def test_an_npz_declaring_a_huge_array_is_refused_before_allocating(tiny_project):
+    """A 200-byte member whose header claims 8 TB: refused from the header, in bounded time and memory."""
+    import io
+    import zipfile
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False, "shape": (10**12,)})
+    with zipfile.ZipFile(tiny_project / CALIBRATION, "w") as archive:
+        archive.writestr("x.npy", header.getvalue() + b"\0" * 64)
+        archive.writestr("y.npy", header.getvalue())
+    line = fails_cleanly(tiny_project, stage("data", "digits_calibration"), EXIT_INPUT, CALIBRATION, DATASET)
+    assert "declares 16,000,000,000,000 bytes" in line
+
+
+def test_a_fifo_named_as_a_dataset_does_not_block(tiny_project):
+    import os
+
+    (tiny_project / CALIBRATION).unlink()
+    os.mkfifo(tiny_project / CALIBRATION)
+    fails_cleanly(tiny_project, stage("data", "digits_calibration"), EXIT_INPUT, CALIBRATION, f"{DATASET}.path")

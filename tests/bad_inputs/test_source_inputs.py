@@ -110,9 +110,15 @@ def test_ops_outside_the_allowed_op_sets(tiny_project):
 
 
 def test_a_project_function_that_writes_files_is_not_a_factory(tiny_project, tmp_path):
+    """Issue 12's reproduction: `pipeline.io:write_text` as a factory, aimed at a file."""
     victim = tmp_path / "VICTIM"
     victim.write_text("precious")
     _factory(tiny_project, "pipeline.io:write_text", path=str(victim), factory_args={"text": "owned"})
+    line = fails_cleanly(tiny_project, CONVERT, EXIT_CONFIG, "params.yaml", f"{SOURCE}.path")
+    assert "outside the project" in line  # refused for the path alone...
+    inside = tiny_project / "tiny" / "victim.txt"
+    inside.write_text("precious")
+    _factory(tiny_project, "pipeline.io:write_text", path="tiny/victim.txt", factory_args={"text": "owned"})
     line = fails_cleanly(tiny_project, CONVERT, EXIT_CONFIG, "params.yaml", f"{SOURCE}.factory")
-    assert "pipeline.io:write_text" in line
-    assert victim.read_text() == "precious"
+    assert "pipeline.io:write_text" in line  # ...and for the function
+    assert victim.read_text() == inside.read_text() == "precious"
