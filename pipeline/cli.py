@@ -26,7 +26,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipeline import repro
 
     invocation = repro.start(args.overrides, args.conf, args.name, kind="repro")
-    code = repro.reproduce(*args.targets)
+    with repro.ended_on_failure(invocation):
+        code = repro.reproduce(*args.targets)
     repro.finish(invocation, succeeded=code == 0)  # with the report stages' comparison of the variants
     return code
 

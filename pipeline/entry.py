@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.errors import EXIT_INTERNAL, OUTCOMES_ENV, PipelineError, first_line
+from pipeline.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, OUTCOMES_ENV, PipelineError, first_line
 from pipeline.io import write_json
 
 
@@ -37,6 +37,10 @@ def exit_on_error(main):
             print(f"error: {exc.one_line()}", file=sys.stderr)
             record_outcome(exc.exit_code, exc.one_line())
             sys.exit(exc.exit_code)
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM where a command turns it into this
+            print("error: interrupted", file=sys.stderr)
+            record_outcome(EXIT_INTERRUPTED, "interrupted")
+            sys.exit(EXIT_INTERRUPTED)
         except Exception as exc:  # a bug: the traceback follows, and the invocation learns of it
             record_outcome(EXIT_INTERNAL, f"internal error: {type(exc).__name__}: {first_line(exc)}")
             raise

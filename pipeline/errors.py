@@ -14,6 +14,7 @@ EXIT_GATE = 4
 EXIT_TRACKING = 5
 EXIT_OUTPUT = 7
 EXIT_BUSY = 8
+EXIT_INTERRUPTED = 130  # the shell's code for a command ended by Ctrl-C
 
 
 class PipelineError(Exception):

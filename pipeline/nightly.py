@@ -158,6 +158,11 @@ def _cell(value: Any) -> str:
 def run_nightly(overrides: list[str], conf_dir: str, name: str) -> int:
     started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     invocation = repro.start(overrides, conf_dir, name, kind="nightly")
+    with repro.ended_on_failure(invocation):
+        return _nightly(invocation, name, started)
+
+
+def _nightly(invocation: repro.Invocation, name: str, started: str) -> int:
     cfg = invocation.cfg
     repro_code = repro.reproduce()  # --keep-going: every build gets a verdict, not just the first failure
     stale, graph = repro.stale_stages(), repro.stage_graph()

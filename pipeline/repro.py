@@ -12,6 +12,7 @@ import fcntl
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -21,7 +22,8 @@ from typing import Iterator
 
 from pipeline import config, layout, tracking
 from pipeline.config import PipelineConfig
-from pipeline.errors import EXIT_INTERNAL, EXIT_OK, OUTCOMES_ENV, BusyError, InputError, OutputError, most_severe
+from pipeline.errors import (EXIT_INTERNAL, EXIT_OK, OUTCOMES_ENV, BusyError, InputError, OutputError, TrackingError,
+                             most_severe)
 from pipeline.io import write_text
 
 BIN = Path(sys.executable).parent
@@ -66,14 +68,41 @@ def start(overrides: list[str], conf_dir: str, name: str, kind: str) -> Invocati
     parent = tracking.start_parent_run(cfg.tracking, name, {"kind": kind})
     os.environ.pop(tracking.PARENT_ENV, None)
     os.environ.pop(tracking.OFFLINE_ENV, None)
+    invocation = Invocation(cfg, parent)
     if parent:
         os.environ[tracking.PARENT_ENV] = parent
         if tracking.pending():
-            count = tracking.sync(cfg.tracking, parent)
-            print(f"uploaded {count} record(s) queued while MLflow was unreachable", file=sys.stderr)
+            with ended_on_failure(invocation):
+                try:
+                    count = tracking.sync(cfg.tracking, parent)
+                    print(f"uploaded {count} record(s) queued while MLflow was unreachable", file=sys.stderr)
+                except TrackingError as exc:  # lost the server again: the queue waits for the next run
+                    if cfg.tracking.required:
+                        raise
+                    print(f"warning: {exc.one_line()} (tracking.required is false: continuing)", file=sys.stderr)
     elif cfg.tracking.enabled:
         os.environ[tracking.OFFLINE_ENV] = "1"
-    return Invocation(cfg, parent)
+    return invocation
+
+
+@contextlib.contextmanager
+def ended_on_failure(invocation: Invocation) -> Iterator[None]:
+    """The parent run never stays RUNNING: FAILED if the block raises, KILLED if it is
+    interrupted (Ctrl-C, or SIGTERM from a scheduler)."""
+    def interrupt(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    except KeyboardInterrupt:
+        tracking.end_parent_run(invocation.cfg.tracking, invocation.parent, succeeded=False, status="KILLED")
+        raise
+    except BaseException:
+        tracking.end_parent_run(invocation.cfg.tracking, invocation.parent, succeeded=False)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def finish(invocation: Invocation, *, succeeded: bool, metrics: dict[str, float] | None = None,
@@ -90,8 +119,19 @@ def _env() -> dict[str, str]:
 
 
 def dvc(*args: str, env: dict[str, str] | None = None) -> int:
-    """Run a DVC command with its output shown; return its exit code."""
-    return subprocess.call([str(BIN / "dvc"), *args], env={**_env(), **(env or {})})
+    """Run a DVC command with its output shown; return its exit code. Interrupted, DVC gets a
+    SIGINT (it stops the stage it runs and leaves no lock behind) before it is killed."""
+    process = subprocess.Popen([str(BIN / "dvc"), *args], env={**_env(), **(env or {})})
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        raise
 
 
 def reproduce(*targets: str) -> int:

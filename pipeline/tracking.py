@@ -16,6 +16,7 @@ Offline: with `tracking.required: false`, a record that cannot be logged is queu
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -31,8 +32,8 @@ from typing import Any, Callable, Iterator, TypeVar
 from pipeline import __version__
 from pipeline.build import Build
 from pipeline.config import TrackingConfig, check_tracking_uri, plain
-from pipeline.errors import InputError, PipelineError, TrackingError
-from pipeline.io import atomic_path
+from pipeline.errors import InputError, OutputError, PipelineError, TrackingError
+from pipeline.io import atomic_path, write_text
 from pipeline.registry import CANDIDATE, SHA256_TAG, Registration, variant_alias
 from pipeline.registry import TAG as TAG_PREFIX
 
@@ -150,6 +151,27 @@ def _reason(exc: Exception) -> str:
     return text[:300]
 
 
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    while exc is not None:
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _disk_full(exc: BaseException) -> bool:
+    return any(getattr(e, "errno", None) == errno.ENOSPC or "disk is full" in str(e) or "No space left" in str(e)
+               for e in _chain(exc))
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether MLflow answered and refused the request (so retrying it later would not help)."""
+    from mlflow.exceptions import MlflowException
+
+    text = str(exc)
+    if "Max retries exceeded" in text or "timed out" in text.lower() or "error responses" in text:
+        return False  # unreachable, or failing for every request
+    return isinstance(exc, MlflowException)
+
+
 @contextlib.contextmanager
 def _http_settings(tracking: TrackingConfig) -> Iterator[None]:
     """Bounded retries for this call (MLflow's defaults retry for minutes); the environment wins."""
@@ -178,8 +200,14 @@ def _call(tracking: TrackingConfig, action: Callable[[Any], T], *, doing: str) -
     except PipelineError:
         raise
     except Exception as exc:
-        message = f"MLflow at {shown(uri)} failed while {doing}: {_reason(exc)}"
-        raise TrackingError(message, key="tracking.uri") from None
+        reason = _reason(exc)
+        if _disk_full(exc):  # the store's disk, not the server's mood: an output that cannot be written
+            raise OutputError(f"MLflow at {shown(uri)} could not write while {doing}: {reason}",
+                              key="tracking.uri") from None
+        error = TrackingError(f"MLflow at {shown(uri)} failed while {doing}: {reason}", key="tracking.uri")
+        # A server that answered and refused (a 4xx, an invalid value) refuses this record only.
+        error.refused = _refused(exc)
+        raise error from None
 
 
 def _best_effort(tracking: TrackingConfig, action: Callable[[Any], T], *, doing: str) -> T | None:
@@ -436,7 +464,9 @@ def end_parent_run(
     succeeded: bool,
     metrics: dict[str, float] | None = None,
     artifacts: list[Path] | None = None,
+    status: str | None = None,
 ) -> None:
+    """End the invocation's run: FINISHED or FAILED (or `status`, e.g. KILLED when interrupted)."""
     if run_id is None:
         return
 
@@ -451,7 +481,7 @@ def end_parent_run(
                 client.log_artifacts(run_id, str(artifact), artifact_path=artifact.name)
             else:
                 client.log_artifact(run_id, str(artifact))
-        client.set_terminated(run_id, "FINISHED" if succeeded else "FAILED")
+        client.set_terminated(run_id, status or ("FINISHED" if succeeded else "FAILED"))
 
     _best_effort(tracking, end, doing="ending the parent run")
 
@@ -512,13 +542,35 @@ def _load(entry: Path) -> StageRecord:
     return record
 
 
+REJECTED_DIR = Path(".litert/rejected")
+
+
 def sync(tracking: TrackingConfig, parent: str | None) -> int:
     """Upload queued records, oldest first; records made without a parent run join `parent`.
-    Stops at the first failure (TrackingError), keeping what is left. Returns how many went up."""
-    entries = pending()
-    for entry in entries:
-        record = _load(entry)
-        record.parent = record.parent or parent or ""
-        _call(tracking, lambda client: _log(client, tracking, record), doing=f"uploading {entry}")
+    A record the server refuses, or that cannot be read, is set aside under .litert/rejected/
+    with its reason (kept, never deleted) and the others go on. An unreachable server stops
+    the upload (TrackingError), keeping what is left. Returns how many went up."""
+    uploaded = 0
+    for entry in pending():
+        try:
+            record = _load(entry)
+            record.parent = record.parent or parent or ""
+            _call(tracking, lambda client: _log(client, tracking, record), doing=f"uploading {entry}")
+        except (InputError, TrackingError) as exc:
+            if isinstance(exc, TrackingError) and not getattr(exc, "refused", False):
+                raise
+            set_aside(entry, exc.one_line())
+            continue
         shutil.rmtree(entry)
-    return len(entries)
+        uploaded += 1
+    return uploaded
+
+
+def set_aside(entry: Path, reason: str) -> Path:
+    """Move a queued record that cannot be uploaded out of the queue, with why."""
+    target = REJECTED_DIR / entry.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(entry), target)
+    write_text(target / "reason.txt", reason + "\n")
+    log.warning("warning: set aside %s: %s", target, reason)
+    return target

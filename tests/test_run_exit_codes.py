@@ -157,3 +157,28 @@ def test_a_missing_source_fails_before_dvc_naming_the_conf_file(project):
     assert result.returncode == EXIT_INPUT
     assert result.stderr.strip().splitlines()[-1] == (
         "error: conf/model/ghost.yaml: model.ghost.source.path: 'nowhere/saved_model' does not exist")
+
+
+def test_an_interrupted_run_ends_its_parent_run_killed_and_exits_130(project):
+    import signal
+    import time
+
+    from mlflow import MlflowClient
+
+    # A setting no earlier run used: the convert stage must really run (not be restored from DVC's run-cache).
+    overrides = [o for o in OVERRIDES if not o.startswith("tracking.")] + ["model.tiny.evaluation.num_samples=7"]
+    process = subprocess.Popen(["litert-pipeline", "run", *overrides, "--name", "interrupted"], cwd=project,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, **ENV, "PATH": f"{os.path.dirname(os.sys.executable)}:{os.environ['PATH']}"})
+    for line in process.stdout:  # DVC prints each stage it starts
+        if line.startswith("Running stage"):
+            break
+    time.sleep(1)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == "error: interrupted"
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("litert-pipeline")
+    (run,) = client.search_runs([experiment.experiment_id], "attributes.run_name = 'interrupted'")
+    assert run.info.status == "KILLED"

@@ -137,3 +137,29 @@ def test_malformed_uri_is_a_config_error(store):
 
 def test_passwords_in_uris_stay_out_of_messages():
     assert tracking.shown("http://alice:pw@mlflow.example:5000") == "http://***@mlflow.example:5000"
+
+
+def test_a_record_the_server_refuses_or_cannot_read_is_set_aside_and_the_rest_uploads(store, fast_failures):
+    from pipeline.registry import Registration
+
+    offline = TrackingConfig(uri=DEAD, experiment="test", required=False)
+    tracking.log_stage(offline, _record(recipe="first"))
+    refused = _record(recipe="refused")
+    # A registered-model name MLflow's search grammar cannot take (a config can no longer name one).
+    refused.registration = Registration(name="team's.model", variant="v", model_file=__file__, report_file=__file__,
+                                        model_sha256="ab", tags={}, description="", model_description="")
+    tracking.log_stage(offline, refused)
+    tracking.log_stage(offline, _record(recipe="truncated"))
+    tracking.log_stage(offline, _record(recipe="last"))
+    first, refused_entry, truncated, last = tracking.pending()
+    (truncated / "record.json").write_text('{"model": "m", "vari')
+
+    assert tracking.sync(store, None) == 2
+    assert tracking.pending() == []
+    aside = sorted(p.name for p in tracking.REJECTED_DIR.iterdir())
+    assert aside == sorted([refused_entry.name, truncated.name])
+    assert "unreadable queued record" in (tracking.REJECTED_DIR / truncated.name / "reason.txt").read_text()
+    assert "team's.model" in (tracking.REJECTED_DIR / refused_entry.name / "reason.txt").read_text()
+    client = _client(store)
+    runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    assert {r.data.params.get("quantize.recipe") for r in runs} >= {"first", "last"}
