@@ -267,3 +267,32 @@ def test_litert_backend_does_not_import_tensorflow(float_model, tmp_path):
         "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+def test_static_calibration_covers_every_samples_range(tmp_path):
+    """The quantizer's default moving average (0.95 per sample) keeps the recent samples' range:
+    a scalar regression output then collapses to about one value. Min/max recipes here take the
+    range of every calibration sample, as the converter does."""
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4,), name="features")
+    model = keras.Model(inputs, keras.layers.Dense(1, name="score")(keras.layers.Dense(8, activation="relu")(inputs)))
+    model.export(str(tmp_path / "sm"), verbose=False)
+    float_model = tf.lite.TFLiteConverter.from_saved_model(str(tmp_path / "sm")).convert()
+    features = np.random.default_rng(0).normal(scale=3.0, size=(128, 4)).astype(np.float32)
+    expected = model.predict(features, verbose=0)
+
+    calibration = calibrate(float_model, Samples({"features": features[:100]}), key=KEY)
+    (output,) = Interpreter(model_content=float_model).get_output_details()
+    qsv = calibration["model_qsvs"][output["name"]]
+    low, high = float(np.min(qsv["min"])), float(np.max(qsv["max"]))
+    assert low <= float(expected[:100].min()) + 1e-4 and high >= float(expected[:100].max()) - 1e-4
+
+    static = quantize(float_model, litert("static_wi8_ai8"), samples=Samples({"features": features[:100]}),
+                      make_converter=None, key=KEY).model
+    runner = Interpreter(model_content=static).get_signature_runner()
+    (got,) = runner(features=features[100:]).values()
+    noise = np.sum((got - expected[100:]) ** 2)
+    assert 10 * np.log10(np.sum(expected[100:] ** 2) / noise) > 25  # dB: 31.7 here; the moving average gave 0.1

@@ -76,7 +76,7 @@ def calibrate(
     loaded = load_recipe(recipe, key=f"{key}.recipe")
     if not _is_static_min_max(loaded):
         raise ConfigError(f"'{recipe}' is not a static {MIN_MAX} recipe: nothing to share", key=f"{key}.recipe")
-    qsvs = _run_calibration(float_model, samples, _recipe_manager(loaded), key=key)
+    qsvs = _run_calibration(float_model, samples, loaded, key=key)
     return {
         "model_qsvs": {
             tensor: {stat: np.asarray(value).tolist() for stat, value in qsv.items()}
@@ -88,6 +88,7 @@ def calibrate(
             "float_model_sha256": hashlib.sha256(float_model).hexdigest(),
             "recipe": recipe,
             "algorithm": MIN_MAX,
+            "statistics": "running min/max over every sample",
             "litert_quantizer": version("litert-quantizer"),
         },
     }
@@ -129,7 +130,7 @@ def quantize(
     elif static:
         if samples is None:
             raise ConfigError(f"recipe '{recipe_name}' needs representative samples to calibrate", key=key)
-        qsvs = _run_calibration(float_model, samples, _recipe_manager(recipe), key=key)
+        qsvs = _run_calibration(float_model, samples, recipe, key=key)
         info.update(
             calibration="inline", num_calibration_samples=len(samples), calibration_samples_sha256=samples.sha256
         )
@@ -171,19 +172,31 @@ def _io_entries(variant: QuantizationConfig) -> Recipe:
     return [entry("INPUT", variant.inference_input_type), entry("OUTPUT", variant.inference_output_type)]
 
 
-def _run_calibration(
-    float_model: bytes, samples: Samples, manager: recipe_manager.RecipeManager, *, key: str
-) -> dict[str, Any]:
+def _run_calibration(float_model: bytes, samples: Samples, recipe: Recipe, *, key: str) -> dict[str, Any]:
     """Run every sample (a batch of one, by input name) through each signature it feeds,
     accumulating min/max per tensor."""
     signatures = _signatures_fed(float_model, samples, key=key)
+    # The quantizer's default keeps an exponential moving average (0.95) of each sample's
+    # min/max: after a few dozen samples a range is the recent samples' typical one, not the
+    # calibration set's (a regression output collapses to one value). Min/max recipes get the
+    # range of every sample, as TFLiteConverter calibrates; other algorithms keep their own.
+    manager = _recipe_manager(recipe)
+    update = running_min_max if _calibrating_algorithms(recipe) == {MIN_MAX} else None
     try:
-        model_calibrator = calibrator.Calibrator(float_model)
+        model_calibrator = (calibrator.Calibrator(float_model, qsv_update_func=update) if update
+                            else calibrator.Calibrator(float_model))
         for index in tqdm(range(len(samples)), desc="calibrating", unit="sample"):
             model_calibrator.calibrate({signature: [samples.sample(index)] for signature in signatures}, manager)
     except Exception as exc:  # interpreter errors (shape mismatch...) come as RuntimeError/ValueError
         raise GateError(f"LiteRT Quantizer calibration failed: {_describe(exc)}", key=key) from exc
     return model_calibrator.get_model_qsvs()
+
+
+def running_min_max(qsv: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """Calibration statistics over every sample so far: the smallest min, the largest max."""
+    if not qsv:
+        return new
+    return {**qsv, "min": np.minimum(qsv["min"], new["min"]), "max": np.maximum(qsv["max"], new["max"])}
 
 
 def _signatures_fed(float_model: bytes, samples: Samples, *, key: str) -> list[str]:
