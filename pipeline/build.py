@@ -51,6 +51,11 @@ class Model:
         group = "generator" if isinstance(data, GeneratorConfig) else "dataset"
         return f"{group}.{getattr(self.config, part).dataset}"
 
+    def data_file(self, part: str) -> str | None:
+        """The file the data `part` comes from, for messages (None for a generator)."""
+        data = self.representative_data if part == "representative" else self.evaluation_data
+        return None if isinstance(data, GeneratorConfig) else data.path
+
     def key(self, *parts: str) -> str:
         """The config key of a part of this model, for messages: model.<name>.<parts>."""
         return ".".join(["model", self.name, *parts])

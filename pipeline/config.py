@@ -410,7 +410,9 @@ def validate(raw: Any, *, file: str) -> PipelineConfig:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    _reject_instantiation_keys(OmegaConf.to_container(raw) if OmegaConf.is_config(raw) else raw, file)
+    container = OmegaConf.to_container(raw) if OmegaConf.is_config(raw) else raw
+    _reject_instantiation_keys(container, file)
+    _reject_unknown_keys(container, PipelineConfig, file)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(PipelineConfig), raw)
         cfg: PipelineConfig = OmegaConf.to_object(merged)
@@ -465,6 +467,25 @@ MAX_GENERATED_VALUES = 1 << 27
 TRACKING_URI = re.compile(r"^(sqlite:///|https?://|file:|databricks|postgresql|mysql)")
 
 
+# What an untrusted config may name as a function: the bundled factory, and any public function
+# of the task metrics module (pure functions, reviewed as code). Anything else, e.g. a project
+# function that writes files, needs `trusted: true`.
+TRUSTED_FUNCTIONS = frozenset({"pipeline.examples:digits_concrete_functions"})
+TRUSTED_MODULES = frozenset({"pipeline.task_metrics"})
+
+
+def check_function_reference(reference: str, *, trusted: bool, key: str, file: str = PARAMS_FILE) -> None:
+    """A `module:function` a config names: well formed, and allowed unless `trusted`. Checked when
+    the config loads and again before the import; nothing is imported here."""
+    module_name, _, function_name = reference.partition(":")
+    if not module_name or not function_name or function_name.startswith("_"):
+        raise ConfigError(f"'{reference}' is not 'module:function'", file=file, key=key)
+    if not trusted and reference not in TRUSTED_FUNCTIONS and module_name not in TRUSTED_MODULES:
+        allowed = ", ".join([*sorted(TRUSTED_FUNCTIONS), *(f"{m}:*" for m in sorted(TRUSTED_MODULES))])
+        raise ConfigError(f"'{reference}' is not a function a config may name without trust ({allowed}): set "
+                          "trusted: true to import it, only for code you trust", file=file, key=key)
+
+
 def check_tracking_uri(uri: str) -> None:
     """The syntax of a tracking URI (MLflow is not contacted)."""
     if uri and not TRACKING_URI.match(uri):
@@ -475,6 +496,31 @@ def check_tracking_uri(uri: str) -> None:
 def data_files(data: DatasetConfig | GeneratorConfig) -> str | None:
     """The file or folder a dataset reads (None for generators)."""
     return None if isinstance(data, GeneratorConfig) else os.path.normpath(data.path)
+
+
+def _reject_unknown_keys(node: Any, schema: Any, file: str, prefix: str = "") -> None:
+    """Unknown keys anywhere, named by their full key (OmegaConf loses the path inside lists)."""
+    import dataclasses
+    import typing
+
+    origin, arguments = typing.get_origin(schema), typing.get_args(schema)
+    if origin is typing.Union:  # Optional[X]
+        for option in arguments:
+            if option is not type(None):
+                _reject_unknown_keys(node, option, file, prefix)
+        return
+    if dataclasses.is_dataclass(schema) and isinstance(node, dict):
+        hints = typing.get_type_hints(schema)
+        for key, value in node.items():
+            if key not in hints:
+                raise ConfigError(f"unknown key (not in {schema.__name__})", file=file, key=f"{prefix}{key}")
+            _reject_unknown_keys(value, hints[key], file, f"{prefix}{key}.")
+    elif origin in (dict, typing.Dict) and isinstance(node, dict):
+        for key, value in node.items():
+            _reject_unknown_keys(value, arguments[1], file, f"{prefix}{key}.")
+    elif origin in (list, typing.List) and isinstance(node, list):
+        for index, value in enumerate(node):
+            _reject_unknown_keys(value, arguments[0], file, f"{prefix.rstrip('.')}[{index}].")
 
 
 def _check_references(cfg: PipelineConfig, file: str) -> None:
@@ -514,6 +560,13 @@ def _check_references(cfg: PipelineConfig, file: str) -> None:
                 file=file,
                 key=f"{key}.source.factory",
             )
+        if source.factory:
+            check_function_reference(source.factory, trusted=source.trusted, key=f"{key}.source.factory", file=file)
+        for part in ("representative", "evaluation"):
+            ref = getattr(model, part)
+            if isinstance(data[ref.dataset], GeneratorConfig) and ref.num_samples > data[ref.dataset].size:
+                raise ConfigError(f"generator '{ref.dataset}' makes {data[ref.dataset].size} samples, fewer than "
+                                  f"{ref.num_samples}", file=file, key=f"{key}.{part}.num_samples")
         if not source.trusted:
             _check_inside_project(source.path, file, f"{key}.source.path")
         for role in ("inputs", "outputs"):
@@ -529,6 +582,8 @@ def _check_references(cfg: PipelineConfig, file: str) -> None:
             raise ConfigError(f"gate set '{model.validation}' needs labels (accuracy or a task metric), but "
                               f"evaluation dataset '{model.evaluation.dataset}' has none: choose a gate set "
                               "without them (e.g. default)", file=file, key=f"{key}.validation")
+    for name, gates in cfg.validation.items():
+        _check_gates(gates, f"validation.{name}", file)
     for name, build in cfg.build.items():
         need(cfg.model, build.model, f"build.{name}.model", "model")
         need(cfg.quantization, build.variant, f"build.{name}.variant", "quantization variant")
@@ -548,8 +603,6 @@ def _check_references(cfg: PipelineConfig, file: str) -> None:
         if gates.needs_labels and not data[model.evaluation.dataset].labelled:
             raise ConfigError(f"these gates need labels, but evaluation dataset '{model.evaluation.dataset}' has "
                               "none", file=file, key=f"build.{name}.validation")
-    for name, gates in cfg.validation.items():
-        _check_gates(gates, f"validation.{name}", file)
     for name, runtime in cfg.runtime.items():
         _within(runtime.num_threads, 1, 64, file, f"runtime.{name}.num_threads")
     for name, variant in cfg.quantization.items():
@@ -675,6 +728,8 @@ def _check_overlap(model: ModelConfig, data: dict, key: str, file: str) -> None:
 
 
 def _check_gates(gates: ValidationConfig, key: str, file: str) -> None:
+    if gates.task_metric:
+        check_function_reference(gates.task_metric, trusted=False, key=f"{key}.task_metric", file=file)
     for name in ("max_accuracy_drop", "min_cosine", "min_snr_db", "max_size_ratio", "max_latency_ms",
                  "max_task_metric_drop"):
         _finite(getattr(gates, name), file, f"{key}.{name}")
@@ -764,6 +819,9 @@ def check_inputs_exist(cfg: PipelineConfig, conf_dir: str | Path = CONF_DIR) -> 
     made = [Path(EXAMPLES.name, name) for name in cfg.examples]
     named = [(model.source.path, f"model.{name}.source.path") for name, model in cfg.model.items()]
     named += [(dataset.path, f"dataset.{name}.path") for name, dataset in cfg.dataset.items()]
+    named += [(tensor.labels, f"model.{name}.metadata.{role}[{index}].labels") for name, model in cfg.model.items()
+              for role in ("inputs", "outputs") for index, tensor in enumerate(getattr(model.metadata, role))
+              if tensor.labels]
     for path, key in named:
         if not Path(path).exists() and not any(folder in Path(path).parents for folder in made):
             file = _conf_file_defining(Path(conf_dir).resolve(), key)
@@ -834,38 +892,72 @@ def _relative(path: str) -> str:
         return path
 
 
-def _conf_file_defining(conf_dir: Path, full_key: str | None) -> str | None:
-    """Which conf file sets `full_key` (the deepest prefix of it that a file sets)."""
+_UNSET = object()
+
+
+def _walk(node: Any, key: str) -> tuple[Any, str, int]:
+    """Follow a full key (`a.b[0].c`, names may hold dots) into plain data: (the node reached,
+    the part of the key left, how many steps were taken)."""
+    remaining, depth = key, 0
+    while remaining and isinstance(node, (dict, list)):
+        if isinstance(node, list):
+            index = re.match(r"\[(\d+)\]\.?", remaining)
+            if not index or int(index.group(1)) >= len(node):
+                break
+            node, remaining = node[int(index.group(1))], remaining[index.end():]
+        else:
+            keys = [str(k) for k in node if remaining == str(k) or remaining.startswith((f"{k}.", f"{k}["))]
+            if not keys:
+                break
+            key_found = max(keys, key=len)
+            node, remaining = node[key_found], remaining[len(key_found):].lstrip(".")
+        depth += 1
+    return node, remaining, depth
+
+
+def value_at(data: Any, key: str) -> Any:
+    node, remaining, _ = _walk(data, key)
+    return _UNSET if remaining else node
+
+
+def conf_file_setting(conf_dir: Path, full_key: str | None, value: Any) -> str | None:
+    """The conf file that sets `full_key` to `value` (relative to the working folder), or None:
+    a value params.yaml holds but no conf file set (an override, a hand edit) stays params.yaml's."""
+    found = _conf_file_defining(Path(conf_dir).resolve(), full_key, with_value=True)
+    if found is None or found[1] is _UNSET or found[1] != value:
+        return None
+    return _relative(found[0])
+
+
+def _conf_file_defining(conf_dir: Path, full_key: str | None, *, with_value: bool = False) -> Any:
+    """Which conf file sets `full_key`: the one setting the longest part of it, else the one whose
+    package holds it (a default the file left out). Names may contain dots (`build.a-../../x`),
+    so keys are matched against each file's own keys rather than split on dots."""
     import yaml
 
     if not full_key:
         return None
-    parts = [p for p in re.split(r"[.\[\]]", full_key) if p]
-    best: tuple[int, str] | None = None
+    best: tuple[int, int, str] | None = None
     for file in sorted(conf_dir.rglob("*.yaml")):
         text = file.read_text(encoding="utf-8")
         group = file.parent.relative_to(conf_dir).parts
         header = re.search(r"^#\s*@package\s+(\S+)", text, re.MULTILINE)
         package = header.group(1) if header else ".".join(group)
         package = package.replace("_group_", ".".join(group))
-        prefix = [] if package == "_global_" else [p for p in package.split(".") if p]
+        prefix = "" if package == "_global_" else package
+        if prefix and not (full_key == prefix or full_key.startswith(prefix + ".")):
+            continue
         try:
             node: Any = yaml.safe_load(text) or {}
         except yaml.YAMLError:
             continue
-        depth = 0
-        for part in parts:
-            if prefix[depth:depth + 1]:
-                if prefix[depth] != part:
-                    break
-            elif isinstance(node, dict) and part in node:
-                node = node[part]
-            else:
-                break
-            depth += 1
-        if depth > len(prefix) and (best is None or depth > best[0]):
-            best = (depth, str(file))
-    return best[1] if best else None
+        node, remaining, depth = _walk(node, full_key[len(prefix) + 1:] if prefix else full_key)
+        score = (depth, len(prefix), str(file), _UNSET if remaining else node)  # a key set beats a package holding it
+        if (depth or prefix) and (best is None or score[:2] > best[:2]):
+            best = score
+    if best is None:
+        return None
+    return (best[2], best[3]) if with_value else best[2]
 
 
 def plain(obj: Any) -> Any:

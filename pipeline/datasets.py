@@ -210,6 +210,13 @@ def read(path: str | Path, *, key: str) -> Samples:
     return Samples(inputs, labels)
 
 
+def digests(samples: Samples) -> set[bytes]:
+    """One digest per sample, of all its inputs: equal samples, equal digests."""
+    names = sorted(samples.inputs)
+    return {hashlib.sha256(b"".join(np.ascontiguousarray(samples.inputs[n][i]).tobytes() for n in names)).digest()
+            for i in range(len(samples))}
+
+
 def shuffled(samples: Samples, seed: int) -> Samples:
     """All samples in a seeded order: any prefix of it is a seeded random subset."""
     return samples.take(np.random.default_rng(seed).permutation(len(samples)))
@@ -234,6 +241,13 @@ def bind(samples: Samples, inputs: list[TensorInfo], outputs: list[TensorInfo], 
     named_inputs = _by_name(samples.inputs, [t.name for t in inputs], role="input", key=f"{key}.inputs", file=file)
     named_labels = _by_name(samples.labels, [t.name for t in outputs], role="output", key=f"{key}.labels", file=file,
                             complete=False)
+    for name, labels in named_labels.items():
+        classes = next((t.shape[-1] for t in outputs if t.name == name and t.shape), None)
+        where = f"{key}.labels_key" if ONLY in samples.labels else f"{key}.labels.{name}"
+        if labels.dtype.kind in "iu" and labels.size and classes not in (None, -1, 1):
+            if int(labels.min()) < 0 or int(labels.max()) >= classes:
+                raise InputError(f"class labels {int(labels.min())}..{int(labels.max())} for the {classes} classes of "
+                                 f"output '{name}'", file=file, key=where)
     specs = {t.name: t for t in inputs}
     short = ONLY in samples.inputs  # the config's inputs_key names the array
     return Samples({name: conform(array, specs[name], key=f"{key}.inputs_key" if short else f"{key}.inputs.{name}",

@@ -8,6 +8,7 @@ find its MLflow run (by tags), so a model found on a device is traceable from it
 from __future__ import annotations
 
 import json
+import re
 from importlib import metadata as distributions
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,17 @@ def _in_model_order(entries: list, tensors: list, order: list[str], key: str) ->
     return [(by_name[name], entries[by_name[name]]) for name in order]
 
 
+def _config_key(key: str, spec: ModelSpec, build: Build) -> str:
+    """`metadata.outputs[<model position>]...` as `metadata.outputs[<config position>]...`."""
+    match = re.match(r"metadata\.(inputs|outputs)\[(\d+)\](.*)", key or "")
+    if not match:
+        return key
+    role, position, rest = match.group(1), int(match.group(2)), match.group(3)
+    name = getattr(spec, role)[position].name
+    configured = [entry.name for entry in getattr(build.model.config.metadata, role)]
+    return f"metadata.{role}[{configured.index(name) if name in configured else position}]{rest}"
+
+
 def deliver(build: Build, quantized: bytes, record: dict) -> bytes:
     """The deliverable: `quantized` with metadata, labels and `record` as provenance.json."""
     spec, files = metadata_spec(build, quantized)
@@ -124,6 +136,8 @@ def deliver(build: Build, quantized: bytes, record: dict) -> bytes:
     try:
         check_spec(quantized, spec, files)
     except ConfigError as exc:
-        # The metadata package names keys relative to the model's config entry.
-        raise ConfigError(exc.message, file=exc.file or PARAMS_FILE, key=build.model.key(exc.key)) from None
+        # The metadata package names keys relative to the model's config entry, with tensors in
+        # the model's order: name the entry where the config has it.
+        key = build.model.key(_config_key(exc.key, spec, build))
+        raise ConfigError(exc.message, file=exc.file or PARAMS_FILE, key=key) from None
     return attach_metadata(quantized, spec, files)

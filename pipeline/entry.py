@@ -26,6 +26,25 @@ def record_outcome(code: int, message: str) -> None:
         pass  # the invocation then reports DVC's failure as internal: nothing better is known
 
 
+def name_the_conf_file(exc: PipelineError) -> None:
+    """An error about a key of params.yaml names the conf/ file that set the value, where one did
+    (params.yaml is composed from conf/: the team edits the conf file)."""
+    import yaml
+
+    from pipeline.config import CONF_DIR, PARAMS_FILE, conf_file_setting, value_at
+
+    if exc.file != PARAMS_FILE or not exc.key or not Path(CONF_DIR).is_dir():
+        return
+    try:
+        value = value_at(yaml.safe_load(Path(PARAMS_FILE).read_text(encoding="utf-8")), exc.key)
+        file = conf_file_setting(Path(CONF_DIR), exc.key, value)
+    except Exception:  # only a better file name was at stake
+        return
+    if file:
+        exc.file = file
+        exc.args = (exc.one_line(),)
+
+
 def exit_on_error(main):
     """Run a CLI entry point; print a PipelineError as one line and exit with its code."""
 
@@ -34,6 +53,7 @@ def exit_on_error(main):
         try:
             return main(*args, **kwargs)
         except PipelineError as exc:
+            name_the_conf_file(exc)
             print(f"error: {exc.one_line()}", file=sys.stderr)
             record_outcome(exc.exit_code, exc.one_line())
             sys.exit(exc.exit_code)

@@ -9,6 +9,7 @@ evaluation set, which later stages must match.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.datasets import INPUT, LABEL, Samples
-from pipeline.errors import InputError
+from pipeline.errors import InputError, first_line
 from pipeline.io import read_npz, save_npz
 from pipeline.sources import LoadedSource
 from pipeline.tflite_model import OpUse
@@ -42,14 +43,30 @@ class Evaluation:
     reference_outputs: dict[str, np.ndarray]
 
 
-def run_source(source: LoadedSource, samples: Samples, *, desc: str) -> dict[str, np.ndarray]:
-    """Run the source model over all samples in batches; outputs keyed by signature name."""
+def run_source(source: LoadedSource, samples: Samples, *, desc: str, data_key: str | None = None,
+               data_file: str | None = None) -> dict[str, np.ndarray]:
+    """Run the source model over all samples in batches; outputs keyed by signature name. A
+    sample the source rejects (a token id outside its vocabulary...) is an input error naming
+    the data (`data_key`, `data_file`)."""
     chunks: dict[str, list[np.ndarray]] = {}
     total = -(-len(samples) // BATCH_SIZE)
-    for batch in tqdm(samples.batches(BATCH_SIZE), total=total, desc=desc, unit="batch", leave=False):
-        for key, value in source.call(batch).items():
+    for start, batch in enumerate(tqdm(samples.batches(BATCH_SIZE), total=total, desc=desc, unit="batch", leave=False)):
+        try:
+            outputs = source.call(batch)
+        except Exception as exc:  # TensorFlow's own errors, many types: the data did not fit the model
+            raise InputError(f"the source model fails on samples {start * BATCH_SIZE}..{start * BATCH_SIZE + BATCH_SIZE - 1}: "
+                             f"{type(exc).__name__}: {_tensorflow_reason(exc)}", file=data_file, key=data_key) from None
+        for key, value in outputs.items():
             chunks.setdefault(key, []).append(value)
     return {key: np.concatenate(values) for key, values in chunks.items()}
+
+
+def _tensorflow_reason(exc: Exception) -> str:
+    """The sentence that says what went wrong: TensorFlow puts "Graph execution error:" first and
+    the reason, after a function name, in its `message`."""
+    text = getattr(exc, "message", None) or str(exc)
+    text = re.sub(r"\{\{[^}]*\}\}|\[\[.*?\]\]|\[Op:[^\]]*\]", " ", text)
+    return " ".join(text.split())[:300] or first_line(exc)
 
 
 def class_labels(labels: np.ndarray) -> bool:
@@ -81,10 +98,10 @@ def host_support(uses: list[OpUse]) -> dict:
 
 
 def evaluate(source: LoadedSource, name: str, samples: Samples, uses: list[OpUse], *, source_path: str,
-             flags: dict) -> Evaluation:
+             flags: dict, data_key: str | None = None, data_file: str | None = None) -> Evaluation:
     """Reference outputs of the source on `samples` (already bound to its inputs), and the
     report; `uses` are the ops of the float model the conversion flags produced."""
-    outputs = run_source(source, samples, desc=f"evaluate {name}")
+    outputs = run_source(source, samples, desc=f"evaluate {name}", data_key=data_key, data_file=data_file)
     metrics: dict[str, float] = {"num_samples": len(samples)}
     per_output = accuracies(outputs, samples.labels)
     if len(per_output) == 1:

@@ -129,7 +129,7 @@ def stage_files(stage: str, key: str, cfg: "PipelineConfig") -> tuple[set[str], 
             return (strings(model.source.path, samples(model.evaluation.dataset)),
                     strings(files.float_model, files.reference, files.convert_report, files.evaluate_report))
         if stage == "representative":
-            return (strings(samples(model.representative.dataset), files.float_model),
+            return (strings(samples(model.representative.dataset), files.float_model, files.reference),
                     strings(files.representative, files.calibration))
         if stage == "report":
             comparison = ComparisonPaths.of(key)

@@ -18,15 +18,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipeline.config import PARAMS_FILE, ModelConfig, SourceConfig, SourceFormat
+from pipeline.config import PARAMS_FILE, ModelConfig, SourceConfig, SourceFormat, check_function_reference
 from pipeline.datasets import TensorInfo
 from pipeline.errors import ConfigError, InputError, first_line
 
-# What an untrusted config may name as a function: the bundled factory, and any public function
-# of the task metrics module (pure functions, reviewed as code). Anything else, e.g. a project
-# function that writes files, needs `trusted: true`.
-TRUSTED_FUNCTIONS = frozenset({"pipeline.examples:digits_concrete_functions"})
-TRUSTED_MODULES = frozenset({"pipeline.task_metrics"})
 SERVING = "serving_default"
 
 
@@ -181,14 +176,9 @@ def _export_keras(keras_model: Any, folder: Path) -> Callable[[dict[str, np.ndar
 
 
 def resolve_factory(reference: str, *, trusted: bool, key: str, file: str = "params.yaml") -> Callable:
-    """Import `module:function`: from TRUSTED_FUNCTIONS or TRUSTED_MODULES unless `trusted`."""
+    """Import `module:function`, checked first (see config.check_function_reference)."""
+    check_function_reference(reference, trusted=trusted, key=key, file=file)
     module_name, _, function_name = reference.partition(":")
-    if not module_name or not function_name or function_name.startswith("_"):
-        raise ConfigError(f"'{reference}' is not 'module:function'", file=file, key=key)
-    if not trusted and reference not in TRUSTED_FUNCTIONS and module_name not in TRUSTED_MODULES:
-        allowed = ", ".join([*sorted(TRUSTED_FUNCTIONS), *(f"{m}:*" for m in sorted(TRUSTED_MODULES))])
-        raise ConfigError(f"'{reference}' is not a function a config may name without trust ({allowed}): set "
-                          "trusted: true to import it, only for code you trust", file=file, key=key)
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # ImportError, or whatever the module raises while it loads

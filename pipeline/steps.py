@@ -13,8 +13,8 @@ from pipeline import quantize as quantize_backends
 from pipeline.build import Build, Model
 from pipeline.config import Backend
 from pipeline.convert import Converted, convert_float, converter_factory, converter_options
-from pipeline.errors import PipelineError
-from pipeline.evaluate import Evaluation, evaluate
+from pipeline.errors import InputError, PipelineError
+from pipeline.evaluate import Evaluation, evaluate, load_reference
 from pipeline.io import read_bytes, sha256_path
 from pipeline.sources import load_source, served_signature
 from pipeline.tflite_model import op_uses, select_tf_ops, signature
@@ -33,13 +33,13 @@ def convert_model(model: Model) -> tuple[Converted, Evaluation]:
     samples = datasets.draw(data_file, ref, key=model.key("evaluation"))
     source = load_source(config, model.name)
     samples = datasets.bind(samples, source.inputs, source.outputs, key=model.data_key("evaluation"),
-                            file=str(data_file))
+                            file=model.data_file("evaluation"))
     converted = convert_float(source, config, model.name)
     converted.info["source_sha256"] = sha256_path(config.source.path)
     flags = {"allowed": [o.value for o in config.conversion.ops], "allow_custom_ops": config.conversion.allow_custom_ops,
              "converter_options": converter_options(config.conversion)}
     evaluation = evaluate(source, model.name, samples, op_uses(converted.model), source_path=config.source.path,
-                          flags=flags)
+                          flags=flags, data_key=model.data_key("evaluation"), data_file=model.data_file("evaluation"))
     return converted, evaluation
 
 
@@ -54,7 +54,25 @@ def bind_representative(model: Model, samples: datasets.Samples, float_model: by
     reported against the dataset that holds the samples)."""
     served = signature(float_model, served_signature(model.config.source), file=str(model.paths.float_model))
     return datasets.bind(samples, served.inputs, served.outputs, key=model.data_key("representative"),
-                         file=str(layout.samples(model.config.representative.dataset)))
+                         file=model.data_file("representative"))
+
+
+def check_disjoint(model: Model, pool: datasets.Samples, float_model: bytes) -> None:
+    """Evaluation samples must not be calibration samples (unless the config allows it): the
+    config check catches one dataset named twice; this catches the same samples in two files."""
+    if model.config.evaluation.allow_overlap:
+        return
+    try:
+        calibration = bind_representative(model, pool, float_model)
+    except PipelineError:
+        return  # data that cannot feed the model: its calibrating builds say so, under their keys
+    evaluation, _ = load_reference(model.paths.reference)
+    shared = datasets.digests(evaluation) & datasets.digests(calibration)
+    if shared:
+        raise InputError(f"{len(shared)} of the {len(evaluation)} evaluation samples are also in the calibration data "
+                         f"({model.config.representative.dataset}): evaluate on other samples, or set "
+                         f"{model.key('evaluation', 'allow_overlap')}: true", file=model.data_file("evaluation"),
+                         key=model.key("evaluation", "dataset"))
 
 
 def shared_calibration(model: Model, pool: datasets.Samples, float_model: bytes) -> dict[str, Any]:

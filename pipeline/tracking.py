@@ -570,7 +570,7 @@ def set_aside(entry: Path, reason: str) -> Path:
     """Move a queued record that cannot be uploaded out of the queue, with why."""
     target = REJECTED_DIR / entry.name
     target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(str(entry), target)
+    os.replace(entry, target)  # one file system: a rename, whole or not at all
     write_text(target / "reason.txt", reason + "\n")
     log.warning("warning: set aside %s: %s", target, reason)
     return target

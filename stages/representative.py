@@ -15,6 +15,7 @@ def main() -> None:
     model = resolve_model(config.load(), parser.parse_args().model)
     float_model = read_bytes(model.paths.float_model)
     pool = steps.representative_pool(model)
+    steps.check_disjoint(model, pool, float_model)
     calibration = steps.shared_calibration(model, pool, float_model)
     with atomic_path(model.paths.representative) as tmp, open(tmp, "wb") as handle:
         datasets.save(pool, handle)

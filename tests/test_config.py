@@ -206,3 +206,33 @@ def test_names_that_reach_paths_are_plain(name):
     params = _params()
     params["quantization"][name] = {"backend": "none"}
     assert _refused(params).key == f"quantization.{name}"
+
+
+def test_a_stage_error_names_the_conf_file_that_set_the_value(tmp_path, monkeypatch):
+    from pipeline.entry import name_the_conf_file
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "conf" / "model").mkdir(parents=True)
+    (tmp_path / "conf" / "model" / "team_b.yaml").write_text(
+        "# @package _global_\nmodel:\n  team_b:\n    metadata:\n      outputs:\n        - {name: p, labels: conf/labels/x.txt}\n")
+    params = {"model": {"team_b": {"metadata": {"outputs": [{"name": "p", "labels": "conf/labels/x.txt"}]}}}}
+    (tmp_path / "params.yaml").write_text(__import__("yaml").safe_dump(params))
+    key = "model.team_b.metadata.outputs[0].labels"
+    error = InputError("cannot read labels", file="params.yaml", key=key)
+    name_the_conf_file(error)
+    assert error.one_line() == f"conf/model/team_b.yaml: {key}: cannot read labels"
+    params["model"]["team_b"]["metadata"]["outputs"][0]["labels"] = "conf/labels/edited_by_hand.txt"
+    (tmp_path / "params.yaml").write_text(__import__("yaml").safe_dump(params))
+    error = InputError("cannot read labels", file="params.yaml", key=key)
+    name_the_conf_file(error)  # params.yaml holds a value no conf file set: it stays named
+    assert error.file == "params.yaml"
+
+
+def test_function_references_and_generator_sizes_are_checked_when_the_config_loads():
+    params = _params()
+    params["validation"]["classifier"]["task_metric"] = "os:system"
+    assert _refused(params).key == "validation.classifier.task_metric"
+    params = _params()
+    params["model"]["mobilenet_v2"]["evaluation"]["num_samples"] = 10**12
+    error = _refused(params)
+    assert error.key == "model.mobilenet_v2.evaluation.num_samples" and "makes 32 samples" in error.message

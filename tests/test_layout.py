@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import config, layout
-from pipeline.sources import TRUSTED_FUNCTIONS, TRUSTED_MODULES
+from pipeline.config import TRUSTED_FUNCTIONS, TRUSTED_MODULES
 from tests.conftest import ROOT
 
 CODE = ("stages/", "pipeline/")

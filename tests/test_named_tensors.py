@@ -250,3 +250,19 @@ def test_a_flex_float_build_is_refused_by_default_and_delivered_unverified_when_
                               build.paths.delivered).report
     assert accepted["passed"] and accepted["verification"] == "unverified"
     assert "cosine" not in accepted["metrics"] and accepted["metrics"]["size_ratio"] <= 1.5
+
+
+def test_samples_the_source_rejects_are_an_input_error_naming_the_data(every_dtype, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = config(str(every_dtype / "saved_model"))
+    rng = np.random.default_rng(0)
+    arrays = {name: make(rng) for name, (_, make) in INPUTS.items()}
+    arrays["token_ids"][5, 2] = 1000  # outside the 50-word vocabulary
+    np.savez("evaluation.npz", label=np.zeros(COUNT, int), **arrays)
+    with atomic_path(layout.samples("evaluation")) as tmp, open(tmp, "wb") as handle:
+        datasets.save(datasets.materialize(cfg.dataset["evaluation"], key="dataset.evaluation"), handle)
+    with pytest.raises(InputError) as caught:
+        steps.convert_model(resolve_model(cfg, "m"))
+    line = caught.value.one_line()
+    assert line.startswith("evaluation.npz: dataset.evaluation: the source model fails on samples 0..31")
+    assert "1000" in line

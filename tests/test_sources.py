@@ -201,7 +201,7 @@ def test_no_other_project_function_can_be_named_by_an_untrusted_config():
     import pkgutil
 
     import pipeline
-    from pipeline.sources import TRUSTED_FUNCTIONS, TRUSTED_MODULES
+    from pipeline.config import TRUSTED_FUNCTIONS, TRUSTED_MODULES
 
     refused = 0
     for module_info in pkgutil.walk_packages(pipeline.__path__, "pipeline."):

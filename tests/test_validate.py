@@ -328,3 +328,14 @@ def test_task_metric_outside_the_project_is_refused(float_model, data, reference
     gates = ValidationConfig(task_metric="os:getcwd", latency_runs=2, warmup_runs=1)
     with pytest.raises(ConfigError, match="validation.task_metric"):
         run_validation(float_model, float_model, evaluation, reference, gates=gates)
+
+
+def test_a_one_value_output_is_compared_as_a_column_not_by_its_sign():
+    from pipeline.validate.metrics import compare
+
+    reference = np.linspace(0.5, 2.0, 50)[:, None]
+    close = reference * 1.01
+    flipped = reference.copy()
+    flipped[0] = -flipped[0]  # one sample's sign: per-sample cosine would be -1 for it
+    assert compare(close, reference)["cosine"] > 0.9999
+    assert 0.9 < compare(flipped, reference)["cosine"] < 1.0 and compare(flipped, reference)["cosine_min"] > 0.9

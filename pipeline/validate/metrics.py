@@ -41,7 +41,9 @@ def compare(actual: np.ndarray, reference: np.ndarray) -> dict[str, float]:
 
     `cosine` is the mean over samples of each sample's flattened cosine similarity (a
     global cosine would be dominated by the largest-magnitude samples); `cosine_min`
-    is the worst sample's. `snr_db` is global: 10·log10(Σ reference² / Σ error²).
+    is the worst sample's. An output of one value per sample (a regression head) has no
+    direction per sample (its cosine would be the sign): its cosine is the samples' column
+    against the source's. `snr_db` is global: 10·log10(Σ reference² / Σ error²).
     NaN and infinite outputs count as 0 and ±float32 max, so they fail the gates
     while the report stays valid JSON.
     """
@@ -51,6 +53,8 @@ def compare(actual: np.ndarray, reference: np.ndarray) -> dict[str, float]:
     a = np.nan_to_num(actual.reshape(len(actual), -1).astype(np.float64), nan=0.0, posinf=limit, neginf=-limit)
     r = reference.reshape(len(reference), -1).astype(np.float64)
     error = a - r
+    if a.shape[1] == 1:
+        a, r = a.T, r.T
     norm_a, norm_r = np.linalg.norm(a, axis=1), np.linalg.norm(r, axis=1)
     norms = norm_a * norm_r
     cosines = np.sum(a * r, axis=1) / np.where(norms == 0, 1.0, norms)  # 0 when one side is all zeros

@@ -68,8 +68,8 @@ def _materialized(project, name: str, inputs: np.ndarray) -> str:
 
 
 def test_evaluation_samples_of_the_wrong_shape(tiny_project):
-    path = _materialized(tiny_project, "digits_evaluation", np.zeros((30, 9, 9, 1), np.float32))
-    line = fails_cleanly(tiny_project, stage("convert", "digits"), EXIT_INPUT, path,
+    _materialized(tiny_project, "digits_evaluation", np.zeros((30, 9, 9, 1), np.float32))
+    line = fails_cleanly(tiny_project, stage("convert", "digits"), EXIT_INPUT, "tiny/evaluation.npz",
                          "dataset.digits_evaluation.inputs_key")
     assert "(9, 9, 1)" in line and "(8, 8, 1)" in line
 
@@ -90,11 +90,12 @@ def test_fewer_representative_samples_than_a_variant_requests(tiny_project):
 
 @pytest.mark.parametrize("build", ["digits-static_wi8_ai8", "digits-converter_int8"])
 def test_representative_samples_of_the_wrong_shape(tiny_project, build):
-    path = _materialized(tiny_project, "digits_calibration", np.zeros((30, 9, 9, 1), np.float32))
+    _materialized(tiny_project, "digits_calibration", np.zeros((30, 9, 9, 1), np.float32))
     # As DVC would: the representative stage reruns on the new samples (it records that the
     # shared calibration is unavailable), then the calibrating builds fail naming the data.
     assert run(tiny_project, *stage("representative", "digits")).returncode == 0
-    line = fails_cleanly(tiny_project, stage("quantize", build), EXIT_INPUT, path, "dataset.digits_calibration.inputs_key")
+    line = fails_cleanly(tiny_project, stage("quantize", build), EXIT_INPUT, CALIBRATION,
+                         "dataset.digits_calibration.inputs_key")
     assert "(9, 9, 1)" in line
 
 
@@ -125,3 +126,24 @@ def test_a_fifo_named_as_a_dataset_does_not_block(tiny_project):
     (tiny_project / CALIBRATION).unlink()
     os.mkfifo(tiny_project / CALIBRATION)
     fails_cleanly(tiny_project, stage("data", "digits_calibration"), EXIT_INPUT, CALIBRATION, f"{DATASET}.path")
+
+
+def test_class_labels_outside_the_outputs_classes_are_refused(tiny_project):
+    inputs, labels = tiny_samples(20, 1)
+    labels[3] = 17  # a 10-class output
+    np.savez(tiny_project / "tiny/evaluation.npz", x=inputs, y=labels)
+    assert run(tiny_project, *stage("data", "digits_evaluation")).returncode == 0
+    line = fails_cleanly(tiny_project, stage("convert", "digits"), EXIT_INPUT, "tiny/evaluation.npz",
+                         "dataset.digits_evaluation.labels_key")
+    assert "class labels 0..17 for the 10 classes" in line
+
+
+def test_evaluation_samples_copied_from_the_calibration_file_are_refused(tiny_project):
+    """Two dataset entries, two files, the same samples: found by content in the representative stage."""
+    calibration = np.load(tiny_project / CALIBRATION)
+    np.savez(tiny_project / "tiny/evaluation.npz", x=calibration["x"][:20], y=calibration["y"][:20])
+    assert run(tiny_project, *stage("data", "digits_evaluation")).returncode == 0
+    assert run(tiny_project, *stage("convert", "digits")).returncode == 0
+    line = fails_cleanly(tiny_project, stage("representative", "digits"), EXIT_INPUT, "tiny/evaluation.npz",
+                         "model.digits.evaluation.dataset")
+    assert "20 of the 20 evaluation samples are also in the calibration data" in line

@@ -114,11 +114,14 @@ def test_a_project_function_that_writes_files_is_not_a_factory(tiny_project, tmp
     victim = tmp_path / "VICTIM"
     victim.write_text("precious")
     _factory(tiny_project, "pipeline.io:write_text", path=str(victim), factory_args={"text": "owned"})
+    line = fails_cleanly(tiny_project, CONVERT, EXIT_CONFIG, "params.yaml", f"{SOURCE}.factory")
+    assert "pipeline.io:write_text" in line  # refused when the config loads...
+    _factory(tiny_project, "pipeline.examples:digits_concrete_functions", path=str(victim))
     line = fails_cleanly(tiny_project, CONVERT, EXIT_CONFIG, "params.yaml", f"{SOURCE}.path")
-    assert "outside the project" in line  # refused for the path alone...
+    assert "outside the project" in line  # ...a path outside the project too, whatever the factory...
     inside = tiny_project / "tiny" / "victim.txt"
     inside.write_text("precious")
     _factory(tiny_project, "pipeline.io:write_text", path="tiny/victim.txt", factory_args={"text": "owned"})
     line = fails_cleanly(tiny_project, CONVERT, EXIT_CONFIG, "params.yaml", f"{SOURCE}.factory")
-    assert "pipeline.io:write_text" in line  # ...and for the function
+    assert "pipeline.io:write_text" in line  # ...and the function, wherever it points
     assert victim.read_text() == inside.read_text() == "precious"
