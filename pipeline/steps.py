@@ -29,8 +29,7 @@ def convert_model(model: Model) -> tuple[Converted, Evaluation]:
     set, bound to the source's inputs by name."""
     config = model.config
     ref = config.evaluation
-    data_file = layout.samples(ref.dataset)
-    samples = datasets.draw(data_file, ref, key=model.key("evaluation"))
+    samples = datasets.draw(layout.samples(ref.dataset), ref, key=model.key("evaluation"))
     source = load_source(config, model.name)
     samples = datasets.bind(samples, source.inputs, source.outputs, key=model.data_key("evaluation"),
                             file=model.data_file("evaluation"))
