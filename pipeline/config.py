@@ -626,8 +626,8 @@ def _check_references(cfg: PipelineConfig, file: str) -> None:
         need(cfg.model, name, key, "model")
         for index, candidate in enumerate(auto.candidates):
             need(cfg.quantization, candidate, f"{key}.candidates[{index}]", "quantization variant")
-        if auto.max_steps < 0 or auto.layers_per_step < 1:
-            raise ConfigError("max_steps must be >= 0 and layers_per_step >= 1", file=file, key=key)
+        if not (0 <= auto.max_steps <= 100 and 1 <= auto.layers_per_step <= 1000):
+            raise ConfigError("max_steps must be 0 to 100 and layers_per_step 1 to 1000", file=file, key=key)
         for gate in ("max_accuracy_drop", "max_size_ratio", "max_latency_ms"):
             _finite(getattr(auto, gate), file, f"{key}.{gate}")
         if f"{name}-{AUTO_VARIANT}" in cfg.build:

@@ -29,6 +29,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     (disk full, size limit, a parent that is a file) raises OutputError naming `path`.
     """
     target = Path(path)
+    if not target.is_absolute() and Path(os.path.normpath(target)).parts[:1] == ("..",):
+        # Project outputs are relative paths made from checked names: one leaving the project is a bug.
+        raise OutputError("refusing to write outside the project", file=str(target))
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))

@@ -157,8 +157,12 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
         exc = exc.__cause__ or exc.__context__
 
 
+# How a store that cannot write says so: a full disk, a file size limit, SQLite's I/O error.
+_WRITE_FAILURES = ("disk is full", "No space left", "disk I/O error", "File too large")
+
+
 def _disk_full(exc: BaseException) -> bool:
-    return any(getattr(e, "errno", None) == errno.ENOSPC or "disk is full" in str(e) or "No space left" in str(e)
+    return any(getattr(e, "errno", None) in (errno.ENOSPC, errno.EFBIG) or any(w in str(e) for w in _WRITE_FAILURES)
                for e in _chain(exc))
 
 

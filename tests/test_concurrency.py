@@ -162,7 +162,10 @@ def test_builds_registering_new_bytes_at_the_same_instant_make_one_version(mlflo
     assert client.get_registered_model(NAME).aliases["candidate-float"] == versions[0].version
 
 
-def test_a_second_invocation_refuses_while_one_holds_the_project_and_changes_nothing(tmp_path, monkeypatch):
+@pytest.mark.parametrize("command", [["run", "model=[digits]", "validation.classifier.min_cosine=0.1"],
+                                     ["nightly", "model=[digits]"], ["compose", "model=[digits]"], ["sync"],
+                                     ["sweep", "model=[digits]", "quantization=float,static_wi8_ai8"]])
+def test_a_second_invocation_refuses_while_one_holds_the_project_and_changes_nothing(tmp_path, monkeypatch, command):
     from pipeline import repro
     from pipeline.errors import EXIT_BUSY
 
@@ -170,8 +173,7 @@ def test_a_second_invocation_refuses_while_one_holds_the_project_and_changes_not
     params = (project / "params.yaml").read_bytes()
     monkeypatch.chdir(project)
     with repro.project_lock("run"):
-        result = run_cli("litert-pipeline", "run", "model=[digits]", "validation.classifier.min_cosine=0.1",
-                         cwd=project)
+        result = run_cli("litert-pipeline", *command, cwd=project)
     assert result.returncode == EXIT_BUSY, result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: .litert/lock: litert-pipeline run (pid {os.getpid()}) holds the project: wait for it to finish "

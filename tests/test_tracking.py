@@ -163,3 +163,28 @@ def test_a_record_the_server_refuses_or_cannot_read_is_set_aside_and_the_rest_up
     client = _client(store)
     runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
     assert {r.data.params.get("quantize.recipe") for r in runs} >= {"first", "last"}
+
+
+def test_a_store_that_cannot_write_is_an_output_error(store, tmp_path):
+    """A full disk under the embedded store (a file size limit stands in for it): exit 7, one line."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    tracking.log_stage(store, _record(recipe="fits"))  # the store exists; now cap files at its size
+    script = (
+        "import os, resource\n"
+        "from pipeline import tracking\nfrom pipeline.config import TrackingConfig\n"
+        "size = os.path.getsize('mlflow.db')\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))\n"
+        "record = tracking.StageRecord(model='big', variant='v', stage='quantize', team='t',\n"
+        "                              params={f'p{i}': 'x' * 5000 for i in range(200)})\n"
+        "from pipeline.entry import exit_on_error\n"
+        "exit_on_error(lambda: tracking.log_stage(TrackingConfig(experiment='test'), record))()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                            env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 7, result.stderr[-2000:]
+    (line,) = [row for row in result.stderr.splitlines() if row.startswith("error:")]
+    assert line.startswith("error: tracking.uri: MLflow at sqlite:///") and "could not write" in line
