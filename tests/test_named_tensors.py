@@ -11,7 +11,8 @@ import pytest
 from pipeline import datasets, layout, steps
 from pipeline.build import resolve_build, resolve_model
 from pipeline.config import (
-    Backend, BuildConfig, ConversionConfig, ConverterMode, DataRef, DatasetConfig, ModelConfig, OpsSet, PipelineConfig,
+    Backend, BuildConfig, ConversionConfig, ConverterMode, DataRef, DatasetConfig, DatasetType, ModelConfig, OpsSet,
+    PipelineConfig,
     QuantizationConfig, RuntimeConfig, SourceConfig, ValidationConfig,
 )
 from pipeline.errors import ConfigError, InputError
@@ -266,3 +267,21 @@ def test_samples_the_source_rejects_are_an_input_error_naming_the_data(every_dty
     line = caught.value.one_line()
     assert line.startswith("evaluation.npz: dataset.evaluation: the source model fails on samples 0..31")
     assert "1000" in line
+
+
+def test_an_image_folder_feeds_one_input_and_labels_by_class_folder(tmp_path):
+    from PIL import Image
+
+    for label, color in (("cat", 10), ("dog", 200)):
+        (tmp_path / "photos" / label).mkdir(parents=True)
+        for index in range(3):
+            Image.new("RGB", (6, 4), (color, index, 0)).save(tmp_path / "photos" / label / f"{index}.png")
+    labelled = DatasetConfig(type=DatasetType.images, path=str(tmp_path / "photos"), labels_key="classes", image_size=[4, 6])
+    samples = datasets.materialize(labelled, key="dataset.photos")
+    assert samples.inputs[datasets.ONLY].shape == (6, 4, 6, 3) and list(samples.labels[datasets.ONLY]) == [0] * 3 + [1] * 3
+    bound = datasets.bind(samples, [datasets.TensorInfo("pixels", [None, 4, 6, 3], "float32")],
+                          [datasets.TensorInfo("kind", [None, 2], "float32")], key="dataset.photos")
+    assert set(bound.inputs) == {"pixels"} and set(bound.labels) == {"kind"}
+    unlabelled = datasets.materialize(DatasetConfig(type=DatasetType.images, path=str(tmp_path / "photos" / "cat")),
+                                      key="dataset.cats")
+    assert len(unlabelled) == 3 and unlabelled.labels == {}
