@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import config, report, repro, tracking
+from pipeline.build import Build, derive, resolve_model
 from pipeline.errors import EXIT_GATE, EXIT_OK, ConfigError, InputError, PipelineError
 from pipeline.io import write_json, write_text
 from pipeline.layout import ComparisonPaths
@@ -92,31 +93,44 @@ def member_label(variant: str, swept: list[str]) -> str:
 class Member:
     label: str  # the variant name the member builds under
     variant: str  # the variant of `quantization` it derives from
-    models: list[str]
-    params: dict[str, Any]  # its params.yaml: one variant, one build per model, no auto-selection
+    builds: list[Build]  # one per model: the variant under its label, the model's gates and overrides
+    params: dict[str, Any]  # its params.yaml, made from `builds`: what its stage commands read
+
+    @property
+    def models(self) -> list[str]:
+        return [build.model.name for build in self.builds]
 
 
 def member_config(raw: dict[str, Any], swept: list[str], *, file: str) -> Member:
-    """Restrict a composed config to the member's single variant, renamed after its swept values."""
+    """The member's builds: each model of a composed config with its single variant, renamed
+    after the swept values."""
     variants = list(raw.get("quantization") or {})
     if len(variants) != 1:
         raise ConfigError(f"a sweep member builds one variant, this one has {len(variants)}: choose it with "
                           "quantization=<name>, or sweep quantization=a,b,c", file=file, key="quantization")
     (variant,) = variants
     label = member_label(variant, swept)
-    models = list(raw.get("model") or {})
-    builds = raw.get("build") or {}
-    params = {
-        **raw,
-        "quantization": {label: raw["quantization"][variant]},
-        "build": {f"{m}-{label}": {"model": m, "variant": label,
-                                   "validation": (builds.get(f"{m}-{variant}") or {}).get("validation") or {}}
-                  for m in models},
-        "autoselect": {},
-    }
-    # As `compose` writes params.yaml: typed, with every default, without unused data.
-    params = config.used_only(config.plain(config.validate(params, file=file)))
-    return Member(label, variant, models, params)
+    own = {name: entry for name, entry in (raw.get("build") or {}).items() if (entry or {}).get("variant") == variant}
+    cfg = config.validate({**raw, "build": own, "autoselect": {}}, file=file)
+    builds = []
+    for name in cfg.model:
+        entry = cfg.build.get(f"{name}-{variant}")
+        builds.append(derive(resolve_model(cfg, name), label, cfg.quantization[variant],
+                             entry.validation if entry else None))
+    return Member(label, variant, builds, params_holding(cfg, builds))
+
+
+def params_holding(cfg: config.PipelineConfig, builds: list[Build]) -> dict[str, Any]:
+    """params.yaml for exactly `builds` (as `compose` writes it: typed, every default, no unused
+    data): their variants by name, and each build with its whole gate set as its override."""
+    params = config.plain(cfg)
+    params.update(
+        quantization={build.variant_name: config.plain(build.variant) for build in builds},
+        build={build.name: {"model": build.model.name, "variant": build.variant_name,
+                            "validation": config.plain(build.gates)} for build in builds},
+        autoselect={},
+    )
+    return config.used_only(params)
 
 
 # --- shared stages ---------------------------------------------------------------------------

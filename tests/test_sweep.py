@@ -42,8 +42,10 @@ def test_member_config_builds_one_renamed_variant_per_model():
     member = sweep.member_config(_raw([*BASE, "quantization=static_wi8_ai8", "quantization.static_wi8_ai8.num_samples=50"]),
                                  ["quantization.static_wi8_ai8.num_samples=50"], file="params.yaml")
     assert member.label == "static_wi8_ai8__num_samples_50" and member.models == ["digits"]
-    assert member.params["build"] == {"digits-static_wi8_ai8__num_samples_50": {
-        "model": "digits", "variant": "static_wi8_ai8__num_samples_50", "validation": {}}}
+    (build,) = member.builds
+    assert build.name == "digits-static_wi8_ai8__num_samples_50" and build.variant.num_samples == 50
+    assert member.params["build"] == {build.name: {
+        "model": "digits", "variant": "static_wi8_ai8__num_samples_50", "validation": config.plain(build.gates)}}
     assert member.params["quantization"][member.label]["num_samples"] == 50
     assert member.params["autoselect"] == {}
     config.validate(member.params, file="params.yaml")
