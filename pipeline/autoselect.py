@@ -90,6 +90,7 @@ class _Search:
         self.float_model = read_bytes(model.paths.float_model)
         self.samples, self.reference = load_reference(model.paths.reference)
         self.convert_info = json.loads(read_bytes(model.paths.convert_report))
+        self.input_ranges = json.loads(read_bytes(model.paths.evaluate_report)).get("input_ranges", {})
         self.feeders = selective.producers_of_inputs(self.float_model)
         # The budget overrides the model's gates, so the pick passes them too.
         self.budget = {gate: getattr(auto, gate) for gate in BUDGET_GATES if getattr(auto, gate) is not None}
@@ -102,7 +103,7 @@ class _Search:
     def _delivered(self, build: Build, quantized: QuantizedModel) -> bytes:
         record = deliver.provenance(build, convert_info=self.convert_info, quantize_info=quantized.info,
                                     git_commit=self.git_commit, experiment=self.experiment)
-        return deliver.deliver(build, quantized.model, record)
+        return deliver.deliver(build, quantized.model, record, input_ranges=self.input_ranges)
 
     def plain(self, variant_name: str, variant: QuantizationConfig) -> Candidate:
         build = self.build(variant)

@@ -369,6 +369,74 @@ class PipelineConfig:
         return merge_gates(base, entry.validation, key=f"build.{build}.validation")
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+SEED_MAX = 2**32 - 1
+SAMPLES_MAX = 10_000_000
+# The range (inclusive) of every number in the schema, by dataclass and field; NaN and
+# infinity are refused everywhere. Checks that relate two numbers (high > low, std != 0,
+# a generator's integer range) live with their dataclass's checks below.
+RANGES: dict[tuple[type, str], tuple[float, float]] = {
+    (DataRef, "num_samples"): (1, SAMPLES_MAX),
+    (DataRef, "seed"): (0, SEED_MAX),
+    (QuantizationConfig, "num_samples"): (1, SAMPLES_MAX),
+    (DatasetConfig, "scale"): (1e-12, 1e12),
+    (TensorGeneratorConfig, "low"): (-FLOAT32_MAX, FLOAT32_MAX),
+    (TensorGeneratorConfig, "high"): (-FLOAT32_MAX, FLOAT32_MAX),
+    (GeneratorConfig, "size"): (1, 1_000_000),
+    (GeneratorConfig, "seed"): (0, SEED_MAX),
+    (TensorMetadataConfig, "mean"): (-1e6, 1e6),
+    (TensorMetadataConfig, "std"): (-1e6, 1e6),
+    (TensorMetadataConfig, "min"): (-FLOAT32_MAX, FLOAT32_MAX),
+    (TensorMetadataConfig, "max"): (-FLOAT32_MAX, FLOAT32_MAX),
+    (RuntimeConfig, "num_threads"): (1, 64),
+    (ValidationConfig, "max_accuracy_drop"): (0, 1),
+    (ValidationConfig, "min_cosine"): (-1, 1),
+    (ValidationConfig, "min_snr_db"): (-1000, 1000),
+    (ValidationConfig, "max_size_ratio"): (0, 1000),
+    (ValidationConfig, "max_latency_ms"): (0, 3_600_000),
+    (ValidationConfig, "latency_runs"): (1, 10_000),
+    (ValidationConfig, "warmup_runs"): (0, 1_000),
+    (ValidationConfig, "max_task_metric_drop"): (0, 1e6),
+    (AutoSelectConfig, "max_accuracy_drop"): (0, 1),
+    (AutoSelectConfig, "max_size_ratio"): (0, 1000),
+    (AutoSelectConfig, "max_latency_ms"): (0, 3_600_000),
+    (AutoSelectConfig, "max_steps"): (0, 100),
+    (AutoSelectConfig, "layers_per_step"): (1, 1000),
+    (TrackingConfig, "http_retries"): (0, 10),
+    (TrackingConfig, "http_timeout_seconds"): (1, 600),
+    (NightlyConfig, "tolerance"): (0, 1e6),
+}
+
+
+def check_numbers(node: Any, key: str, file: str) -> None:
+    """Every number under `node` (a config dataclass) is finite and within RANGES, else a
+    ConfigError naming its key."""
+    if isinstance(node, dict):
+        for name, value in node.items():
+            check_numbers(value, f"{key}.{name}", file)
+        return
+    if isinstance(node, list):
+        for index, value in enumerate(node):
+            check_numbers(value, f"{key}[{index}]", file)
+        return
+    if not hasattr(node, "__dataclass_fields__"):
+        return
+    for name in node.__dataclass_fields__:
+        value, where = getattr(node, name), f"{key}.{name}" if key else name
+        bounds = next((RANGES[(kind, name)] for kind in type(node).__mro__ if (kind, name) in RANGES), None)
+        if bounds is None:
+            check_numbers(value, where, file)
+            continue
+        values = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else [(None, value)]
+        for item, number in values:
+            item_key = where if item is None else f"{where}.{item}" if isinstance(value, dict) else f"{where}[{item}]"
+            if number is None:
+                continue
+            if not math.isfinite(number):
+                raise ConfigError(f"must be a finite number, not {number}", file=file, key=item_key)
+            _within(number, *bounds, file, item_key)
+
+
 def merge_gates(base: ValidationConfig, overrides: Dict[str, Any], *, key: str, file: str = PARAMS_FILE) -> ValidationConfig:
     """`base` with `overrides` (a build's `validation` entries) applied, type-checked."""
     from omegaconf import OmegaConf
@@ -464,6 +532,9 @@ INTEGER_RANGES = {TensorDtype.int32: (-2**31, 2**31 - 1), TensorDtype.int64: (-2
                   TensorDtype.int8: (-128, 127), TensorDtype.uint8: (0, 255)}
 # Generated datasets live in memory: bound what a config can ask for (values across all inputs).
 MAX_GENERATED_VALUES = 1 << 27
+MAX_DIMENSION = 1 << 20
+# Metadata normalization and stats: one value per channel at most.
+MAX_CHANNEL_VALUES = 4096
 TRACKING_URI = re.compile(r"^(sqlite:///|https?://|file:|databricks|postgresql|mysql)")
 
 
@@ -536,6 +607,7 @@ def _check_references(cfg: PipelineConfig, file: str) -> None:
 
     for group_name in ("model", "quantization", "dataset", "generator", "runtime", "validation", "autoselect"):
         named(getattr(cfg, group_name), group_name)
+    check_numbers(cfg, "", file)
     data = {**cfg.dataset, **cfg.generator}
     for name in set(cfg.dataset) & set(cfg.generator):
         raise ConfigError("a dataset and a generator share this name", file=file, key=f"generator.{name}")
@@ -549,10 +621,6 @@ def _check_references(cfg: PipelineConfig, file: str) -> None:
         need(data, model.evaluation.dataset, f"{key}.evaluation.dataset", "dataset")
         need(cfg.runtime, model.runtime, f"{key}.runtime", "runtime")
         need(cfg.validation, model.validation, f"{key}.validation", "validation gate set")
-        for part in ("representative", "evaluation"):
-            ref = getattr(model, part)
-            _at_least(ref.num_samples, 1, file, f"{key}.{part}.num_samples")
-            _at_least(ref.seed, 0, file, f"{key}.{part}.seed")
         source = model.source
         if (source.format is SourceFormat.concrete_function) != bool(source.factory):
             raise ConfigError(
@@ -573,6 +641,7 @@ def _check_references(cfg: PipelineConfig, file: str) -> None:
             for index, tensor in enumerate(getattr(model.metadata, role)):
                 if tensor.labels is not None:
                     _check_inside_project(tensor.labels, file, f"{key}.metadata.{role}[{index}].labels", under=LABELS)
+                _check_tensor_numbers(tensor, file, f"{key}.metadata.{role}[{index}]")
         if model.registry_name and not REGISTRY_NAME.fullmatch(model.registry_name):
             raise ConfigError("registered model names use A-Z, a-z, 0-9, _ . and - only", file=file,
                               key=f"{key}.registry_name")
@@ -603,8 +672,6 @@ def _check_references(cfg: PipelineConfig, file: str) -> None:
         if gates.needs_labels and not data[model.evaluation.dataset].labelled:
             raise ConfigError(f"these gates need labels, but evaluation dataset '{model.evaluation.dataset}' has "
                               "none", file=file, key=f"build.{name}.validation")
-    for name, runtime in cfg.runtime.items():
-        _within(runtime.num_threads, 1, 64, file, f"runtime.{name}.num_threads")
     for name, variant in cfg.quantization.items():
         key = f"quantization.{name}"
         if variant.backend is Backend.litert_quantizer:
@@ -619,17 +686,11 @@ def _check_references(cfg: PipelineConfig, file: str) -> None:
                 _check_inside_project(recipe, file, f"{key}.recipe", under=RECIPES)
         if variant.backend is Backend.converter and variant.mode is None:
             raise ConfigError("the converter backend needs a mode", file=file, key=f"{key}.mode")
-        if variant.num_samples is not None:
-            _at_least(variant.num_samples, 1, file, f"{key}.num_samples")
     for name, auto in cfg.autoselect.items():
         key = f"autoselect.{name}"
         need(cfg.model, name, key, "model")
         for index, candidate in enumerate(auto.candidates):
             need(cfg.quantization, candidate, f"{key}.candidates[{index}]", "quantization variant")
-        if not (0 <= auto.max_steps <= 100 and 1 <= auto.layers_per_step <= 1000):
-            raise ConfigError("max_steps must be 0 to 100 and layers_per_step 1 to 1000", file=file, key=key)
-        for gate in ("max_accuracy_drop", "max_size_ratio", "max_latency_ms"):
-            _finite(getattr(auto, gate), file, f"{key}.{gate}")
         if f"{name}-{AUTO_VARIANT}" in cfg.build:
             raise ConfigError(f"'{AUTO_VARIANT}' is the auto-selected variant: rename this build",
                               file=file, key=f"build.{name}-{AUTO_VARIANT}")
@@ -637,11 +698,7 @@ def _check_references(cfg: PipelineConfig, file: str) -> None:
         if metric not in HIGHER_IS_BETTER:
             raise ConfigError(f"unknown metric (use {', '.join(HIGHER_IS_BETTER)})", file=file,
                               key=f"nightly.tolerance.{metric}")
-        _finite(allowed, file, f"nightly.tolerance.{metric}")
-        _at_least(allowed, 0, file, f"nightly.tolerance.{metric}")
     _check_inside_project(cfg.nightly.summary, file, "nightly.summary")
-    _within(cfg.tracking.http_retries, 0, 10, file, "tracking.http_retries")
-    _within(cfg.tracking.http_timeout_seconds, 1, 600, file, "tracking.http_timeout_seconds")
     if cfg.tracking.enabled:  # a malformed URI fails before any work, not when the first stage logs
         env_uri = os.environ.get("MLFLOW_TRACKING_URI")
         try:
@@ -678,25 +735,21 @@ def _check_dataset(dataset: DatasetConfig, key: str, file: str) -> None:
                 raise ConfigError("not a tensor name (A-Z, a-z, 0-9, _ . : -)", file=file, key=f"{key}.{part}.{tensor}")
     if dataset.image_size and (len(dataset.image_size) != 2 or not all(1 <= d <= 8192 for d in dataset.image_size)):
         raise ConfigError("[height, width], each 1 to 8192", file=file, key=f"{key}.image_size")
-    _finite(dataset.scale, file, f"{key}.scale")
 
 
 def _check_generator(generator: GeneratorConfig, key: str, file: str) -> None:
     if bool(generator.shape) == bool(generator.inputs):
         raise ConfigError("give a shape (a one-input model) or inputs (input name -> shape, dtype...), not both",
                           file=file, key=key)
-    _within(generator.size, 1, 1_000_000, file, f"{key}.size")
-    _at_least(generator.seed, 0, file, f"{key}.seed")
     tensors = generator.inputs.items() if generator.inputs else [("", generator)]
     values = 0
     for name, tensor in tensors:
         where = f"{key}.inputs.{name}" if name else key
         if name and not TENSOR_NAME.fullmatch(name):
             raise ConfigError("not a tensor name (A-Z, a-z, 0-9, _ . : -)", file=file, key=where)
-        if not tensor.shape or not all(isinstance(d, int) and d >= 1 for d in tensor.shape):
-            raise ConfigError("a shape of positive sizes (without the batch dimension)", file=file, key=f"{where}.shape")
-        _finite(tensor.low, file, f"{where}.low")
-        _finite(tensor.high, file, f"{where}.high")
+        if not tensor.shape or not all(isinstance(d, int) and 1 <= d <= MAX_DIMENSION for d in tensor.shape):
+            raise ConfigError(f"a shape of sizes 1 to {MAX_DIMENSION:,} (without the batch dimension)", file=file,
+                              key=f"{where}.shape")
         if tensor.high <= tensor.low and tensor.dtype is not TensorDtype.bool:
             raise ConfigError("must be greater than low", file=file, key=f"{where}.high")
         if tensor.dtype in INTEGER_RANGES:  # integers are drawn from [ceil(low), ceil(high))
@@ -727,29 +780,35 @@ def _check_overlap(model: ModelConfig, data: dict, key: str, file: str) -> None:
                           f"{key}.evaluation.allow_overlap: true", file=file, key=f"{key}.evaluation.dataset")
 
 
+def _check_tensor_numbers(tensor: TensorMetadataConfig, file: str, key: str) -> None:
+    """Normalization and stats numbers, beyond their ranges, before any stage packs them (the
+    metadata stage checks them against the model's shape and evaluation data)."""
+    for name in ("mean", "std", "min", "max"):
+        values = getattr(tensor, name)
+        if len(values) > MAX_CHANNEL_VALUES:
+            raise ConfigError(f"{len(values)} values (the limit is {MAX_CHANNEL_VALUES})", file=file, key=f"{key}.{name}")
+    if bool(tensor.mean) != bool(tensor.std):
+        raise ConfigError("mean and std go together", file=file, key=f"{key}.{'std' if tensor.mean else 'mean'}")
+    if 0 in tensor.std:
+        raise ConfigError("must not be 0 (clients divide by it)", file=file, key=f"{key}.std")
+    if any(low > high for low, high in zip(tensor.min, tensor.max)):
+        raise ConfigError("must not be below min", file=file, key=f"{key}.max")
+
+
 def _check_gates(gates: ValidationConfig, key: str, file: str) -> None:
     if gates.task_metric:
         check_function_reference(gates.task_metric, trusted=False, key=f"{key}.task_metric", file=file)
-    for name in ("max_accuracy_drop", "min_cosine", "min_snr_db", "max_size_ratio", "max_latency_ms",
-                 "max_task_metric_drop"):
-        _finite(getattr(gates, name), file, f"{key}.{name}")
-    _within(gates.latency_runs, 1, 10_000, file, f"{key}.latency_runs")
-    _within(gates.warmup_runs, 0, 1_000, file, f"{key}.warmup_runs")
-
-
-def _finite(value: float | None, file: str, key: str) -> None:
-    if value is not None and not math.isfinite(value):
-        raise ConfigError(f"must be a finite number, not {value}", file=file, key=key)
-
-
-def _at_least(value: float, low: float, file: str, key: str) -> None:
-    if value < low:
-        raise ConfigError(f"must be at least {low}, not {value}", file=file, key=key)
+    check_numbers(gates, key, file)
 
 
 def _within(value: float, low: float, high: float, file: str, key: str) -> None:
     if not low <= value <= high:
-        raise ConfigError(f"must be between {low} and {high}, not {value}", file=file, key=key)
+        raise ConfigError(f"must be between {_number(low)} and {_number(high)}, not {_number(value)}", file=file,
+                          key=key)
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else f"{value:g}"
 
 
 # YAML is read whole and expanded by OmegaConf: bound both (anchors and aliases can make a

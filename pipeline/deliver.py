@@ -61,12 +61,14 @@ def provenance(build: Build, *, convert_info: dict, quantize_info: dict, git_com
     }
 
 
-def metadata_spec(build: Build, quantized: bytes) -> tuple[ModelSpec, dict[str, bytes]]:
+def metadata_spec(build: Build, quantized: bytes, input_ranges: dict[str, dict[str, list[float]]]
+                  ) -> tuple[ModelSpec, dict[str, bytes]]:
     """The metadata spec and the files it packs (label files, by their base name).
 
     Metadata lists tensors in the model's own order. A model with several inputs (outputs)
     names each entry after the signature input (output) it describes, in any order; a model
-    with one keeps a free display name.
+    with one keeps a free display name. `input_ranges` (the evaluation report's) are the
+    ranges the model was validated on, which an image input's normalization must produce.
     """
     model = build.model
     files: dict[str, bytes] = {}
@@ -88,6 +90,14 @@ def metadata_spec(build: Build, quantized: bytes) -> tuple[ModelSpec, dict[str, 
         order = served.input_order if role == "inputs" else served.output_order
         ordered = _in_model_order(list(configured), tensors, order, key)
         entries[role] = tuple(tensor(entry, f"{key}[{index}]") for index, entry in ordered)
+        if role == "inputs":
+            by_name = {t.name: t for t in tensors}
+            for (index, entry), name in zip(ordered, order):
+                # A model without signatures names its one input after the tensor, not the source.
+                validated = input_ranges.get(name) or (next(iter(input_ranges.values()))
+                                                       if len(tensors) == len(input_ranges) == 1 else None)
+                if validated and by_name[name].dtype == "float32":
+                    check_normalization(entry, validated, f"{key}[{index}]")
     spec = ModelSpec(
         name=model.name,
         description=meta.description,
@@ -99,6 +109,67 @@ def metadata_spec(build: Build, quantized: bytes) -> tuple[ModelSpec, dict[str, 
         model_files=(PROVENANCE_FILE,),
     )
     return spec, files
+
+
+# What an image client feeds: 8-bit pixels, normalized by the metadata's (x - mean) / std.
+RAW_PIXELS = (0.0, 255.0)
+# How far the normalized pixel range may miss the validated range (a fraction of its width),
+# and how much of it the evaluation data must span for the mapping to be the one trained on.
+RANGE_TOLERANCE = 0.02
+MIN_RANGE_SPAN = 0.8
+# What a fix usually is: [0, 1], [-1, 1], raw [0, 255], [-0.5, 0.5].
+COMMON_NORMALIZATIONS = ((0.0, 255.0), (127.5, 127.5), (0.0, 1.0), (127.5, 255.0))
+
+
+def check_normalization(entry: Any, validated: dict[str, list[float]], key: str) -> None:
+    """An image input's declared normalization must map raw pixels onto the range its
+    evaluation data has (a client applying it feeds the model what it was validated on), and
+    its min/max stats must be that normalized range; otherwise a ConfigError with values
+    that would fit. Without mean/std a client feeds raw pixels (mean 0, std 1)."""
+    if entry.content.value != "image":
+        return
+    means, stds = list(entry.mean) or [0.0], list(entry.std) or [1.0]
+    per_channel = max(len(means), len(stds)) > 1 and len(validated["min"]) > 1
+    channels = range(len(validated["min"])) if per_channel else [None]
+    for channel in channels:
+        def pick(values: list[float]) -> float:
+            return values[min(channel or 0, len(values) - 1)]
+
+        low, high = ((validated["min"][channel], validated["max"][channel]) if per_channel
+                     else (min(validated["min"]), max(validated["max"])))
+        mean, std = pick(means), pick(stds)
+        mapped = _normalized_range(mean, std)
+        if not _fits(mean, std, low, high):
+            fit = next((f"mean: [{m:g}], std: [{s:g}]" for m, s in COMMON_NORMALIZATIONS if _fits(m, s, low, high)),
+                       f"mean: [{-low * _pixel_scale(low, high) + 0.0:.4g}], std: [{_pixel_scale(low, high):.4g}]"
+                       if high > low else "a mean and std that do")
+            raise ConfigError(f"maps raw pixels {RAW_PIXELS[0]:g}..{RAW_PIXELS[1]:g} onto [{mapped[0]:.6g}, "
+                              f"{mapped[1]:.6g}], but the model was validated on inputs in [{low:.6g}, {high:.6g}]"
+                              f" (its evaluation data): {fit} would fit", file=PARAMS_FILE,
+                              key=f"{key}.{'std' if entry.std else 'mean'}")
+        for stat, bound in (("min", mapped[0]), ("max", mapped[1])):
+            values = getattr(entry, stat)
+            if values and abs(pick(values) - bound) > RANGE_TOLERANCE * (mapped[1] - mapped[0]):
+                raise ConfigError(f"the normalized input range is [{mapped[0]:.6g}, {mapped[1]:.6g}]: min: "
+                                  f"[{mapped[0]:.6g}], max: [{mapped[1]:.6g}] would fit", file=PARAMS_FILE,
+                                  key=f"{key}.{stat}")
+
+
+def _normalized_range(mean: float, std: float) -> list[float]:
+    return sorted([(RAW_PIXELS[0] - mean) / std, (RAW_PIXELS[1] - mean) / std])
+
+
+def _fits(mean: float, std: float, low: float, high: float) -> bool:
+    """Whether pixels normalized by mean and std cover the validated `low..high` (and not much more)."""
+    mapped = _normalized_range(mean, std)
+    slack = RANGE_TOLERANCE * (mapped[1] - mapped[0])
+    return (low >= mapped[0] - slack and high <= mapped[1] + slack
+            and high - low >= MIN_RANGE_SPAN * (mapped[1] - mapped[0]))
+
+
+def _pixel_scale(low: float, high: float) -> float:
+    """The std that stretches `low..high` over the raw pixel range."""
+    return (RAW_PIXELS[1] - RAW_PIXELS[0]) / (high - low)
 
 
 def _in_model_order(entries: list, tensors: list, order: list[str], key: str) -> list[tuple[int, Any]]:
@@ -129,9 +200,11 @@ def _config_key(key: str, spec: ModelSpec, build: Build) -> str:
     return f"metadata.{role}[{configured.index(name) if name in configured else position}]{rest}"
 
 
-def deliver(build: Build, quantized: bytes, record: dict) -> bytes:
-    """The deliverable: `quantized` with metadata, labels and `record` as provenance.json."""
-    spec, files = metadata_spec(build, quantized)
+def deliver(build: Build, quantized: bytes, record: dict, *, input_ranges: dict[str, dict[str, list[float]]]
+            ) -> bytes:
+    """The deliverable: `quantized` with metadata, labels and `record` as provenance.json;
+    `input_ranges` are the evaluation report's (see `metadata_spec`)."""
+    spec, files = metadata_spec(build, quantized, input_ranges)
     files[PROVENANCE_FILE] = (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
     try:
         check_spec(quantized, spec, files)

@@ -119,11 +119,24 @@ def evaluate(source: LoadedSource, name: str, samples: Samples, uses: list[OpUse
         "parameter_count": source.parameter_count,
         "source_size_bytes": sum(f.stat().st_size for f in files),
         "evaluation_sha256": samples.sha256,
+        "input_ranges": input_ranges(samples),
         "ops": {"used": [vars(u) for u in uses], **flags},
         "host": host_support(uses),
         "metrics": metrics,
     }
     return Evaluation(report, samples, outputs)
+
+
+def input_ranges(samples: Samples) -> dict[str, dict[str, list[float]]]:
+    """Per input, the smallest and largest value of each channel (last axis) of the evaluation
+    data: the range the model is validated on, which declared metadata normalization must match."""
+    ranges = {}
+    for name, array in samples.inputs.items():
+        if array.dtype.kind != "f" or array.ndim < 2 or not array.size:
+            continue
+        channels = array.reshape(-1, array.shape[-1])
+        ranges[name] = {"min": [float(v) for v in channels.min(axis=0)], "max": [float(v) for v in channels.max(axis=0)]}
+    return ranges
 
 
 def save_reference(evaluation: Evaluation, handle) -> None:

@@ -85,6 +85,28 @@ def save_npz(handle: BinaryIO, arrays: Mapping[str, Any]) -> None:
                 np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
 
 
+# A model archive (.keras) is unpacked by Keras: bounded by what its directory declares first
+# (Python's zipfile never inflates a member past its declared size).
+MAX_ARCHIVE_MEMBERS = 10_000
+MAX_ARCHIVE_BYTES = 8 << 30
+
+
+def check_archive(path: str | os.PathLike, *, key: str | None = None, what: str = "archive") -> None:
+    """A ZIP archive's member count and declared uncompressed size are within the limits."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise InputError(f"cannot read {what}: {' '.join(str(exc).split())}", file=str(path), key=key) from None
+    if len(members) > MAX_ARCHIVE_MEMBERS:
+        raise InputError(f"{what} of {len(members):,} files (the limit is {MAX_ARCHIVE_MEMBERS:,})", file=str(path),
+                         key=key)
+    declared = sum(member.file_size for member in members)
+    if declared > MAX_ARCHIVE_BYTES:
+        raise InputError(f"{what} unpacks to {declared:,} bytes (the limit is {MAX_ARCHIVE_BYTES:,})", file=str(path),
+                         key=key)
+
+
 # Arrays read from an .npz: bounded before anything is allocated (a header can declare any shape).
 MAX_NPZ_MEMBERS = 1000
 MAX_NPZ_BYTES = 4 << 30

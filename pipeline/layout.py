@@ -146,7 +146,7 @@ def stage_files(stage: str, key: str, cfg: "PipelineConfig") -> tuple[set[str], 
         return (strings(RECIPES, files.float_model, files.representative, files.calibration, files.evaluate_report),
                 strings(out.quantized, out.quantize_report))
     if stage == "metadata":
-        return (strings(LABELS, out.quantized, out.quantize_report, files.convert_report),
+        return (strings(LABELS, out.quantized, out.quantize_report, files.convert_report, files.evaluate_report),
                 strings(out.delivered))
     if stage == "validate":
         return (strings(out.delivered, files.float_model, files.reference),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -21,6 +22,7 @@ import numpy as np
 from pipeline.config import PARAMS_FILE, ModelConfig, SourceConfig, SourceFormat, check_function_reference
 from pipeline.datasets import TensorInfo
 from pipeline.errors import ConfigError, InputError, first_line
+from pipeline.io import check_archive
 
 SERVING = "serving_default"
 
@@ -56,6 +58,8 @@ def load_source(model: ModelConfig, name: str, *, file: str = "params.yaml") -> 
         path_name = "jax2tf_saved_model" if fmt is SourceFormat.jax else "from_saved_model"
         return _from_saved_model(path, model, key, path_name)
     if fmt in (SourceFormat.keras, SourceFormat.h5):
+        if zipfile.is_zipfile(path):  # the Keras 3 format; H5 files are not archives
+            check_archive(path, key=f"{key}.path", what="Keras archive")
         return _from_keras(path, model, key)
     return _from_concrete_functions(path, model, key)
 

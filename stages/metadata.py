@@ -22,7 +22,9 @@ def main() -> None:
         git_commit=tracking.git_commit(),
         experiment=cfg.tracking.experiment,
     )
-    delivered = deliver.deliver(build, read_bytes(build.paths.quantized), record)
+    validated = json.loads(read_bytes(build.model.paths.evaluate_report))
+    delivered = deliver.deliver(build, read_bytes(build.paths.quantized), record,
+                                input_ranges=validated.get("input_ranges", {}))
     out = write_bytes(build.paths.delivered, delivered)
     tracking.log_stage(
         cfg.tracking,

@@ -233,6 +233,51 @@ def test_function_references_and_generator_sizes_are_checked_when_the_config_loa
     params["validation"]["classifier"]["task_metric"] = "os:system"
     assert _refused(params).key == "validation.classifier.task_metric"
     params = _params()
-    params["model"]["mobilenet_v2"]["evaluation"]["num_samples"] = 10**12
+    params["model"]["mobilenet_v2"]["evaluation"]["num_samples"] = 33
     error = _refused(params)
     assert error.key == "model.mobilenet_v2.evaluation.num_samples" and "makes 32 samples" in error.message
+
+
+def _numbers(node, path=()):
+    """(path, value) of every number in a params tree."""
+    if isinstance(node, dict):
+        for name, value in node.items():
+            yield from _numbers(value, (*path, name))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _numbers(value, (*path, index))
+    elif isinstance(node, (int, float)) and not isinstance(node, bool):
+        yield path, node
+
+
+def _key(path) -> str:
+    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in path).lstrip(".")
+
+
+def test_every_number_of_the_examples_is_range_checked():
+    """Each number the bundled config holds, set to NaN, infinity or far out of range, is refused
+    with its own key: the schema's RANGES leave none unbounded."""
+    import copy
+
+    params = _params()
+    fields = {}  # one number per schema field: model.*.representative.seed stands for every model's
+    for path, value in _numbers(params):
+        fields.setdefault(tuple("*" if i == 1 or isinstance(p, int) else p for i, p in enumerate(path)), (path, value))
+    assert len(fields) >= 30
+    for path, value in fields.values():
+        wrong = [float("nan"), -1e300] if isinstance(value, float) else [10**13]
+        for bad in wrong:
+            edited = copy.deepcopy(params)
+            node = edited
+            for part in path[:-1]:
+                node = node[part]
+            node[path[-1]] = bad
+            key = _key(path)
+            error = _refused(edited)
+            assert error.key == key or key.startswith(f"{error.key}["), (key, bad, error)  # or the whole list
+            assert any(word in error.message for word in ("finite", "between", " to ")), (key, error.message)
+
+
+def test_every_ranged_field_exists_in_the_schema():
+    for (kind, name), (low, high) in config.RANGES.items():
+        assert name in kind.__dataclass_fields__ and low < high

@@ -15,6 +15,8 @@ from tests.conftest import ROOT
 BUILD = "digits-static_wi8_ai8"
 INFO = {"convert": {"source_sha256": "ab" * 32, "conversion_path": "from_saved_model"},
         "quantize": {"representative_sha256": "cd" * 32, "representative_samples": 200}}
+# The digits evaluation data: pixels scaled to [0, 1].
+PIXELS_0_1 = {"image": {"min": [0.0], "max": [1.0]}}
 
 
 @pytest.fixture
@@ -29,7 +31,7 @@ def _record(cfg):
 
 
 def test_delivered_model_carries_metadata_labels_and_provenance(cfg, tiny_float_tflite):
-    delivered = deliver.deliver(resolve_build(cfg, BUILD), tiny_float_tflite, _record(cfg))
+    delivered = deliver.deliver(resolve_build(cfg, BUILD), tiny_float_tflite, _record(cfg), input_ranges=PIXELS_0_1)
     shown = inspect_model(delivered)
     meta = shown["metadata"]
     assert meta["name"] == "digits" and meta["license"] == "Apache-2.0"
@@ -44,8 +46,8 @@ def test_delivered_model_carries_metadata_labels_and_provenance(cfg, tiny_float_
 
 
 def test_delivering_twice_is_idempotent(cfg, tiny_float_tflite):
-    once = deliver.deliver(resolve_build(cfg, BUILD), tiny_float_tflite, _record(cfg))
-    assert deliver.deliver(resolve_build(cfg, BUILD), once, _record(cfg)) == once
+    once = deliver.deliver(resolve_build(cfg, BUILD), tiny_float_tflite, _record(cfg), input_ranges=PIXELS_0_1)
+    assert deliver.deliver(resolve_build(cfg, BUILD), once, _record(cfg), input_ranges=PIXELS_0_1) == once
 
 
 def test_label_count_mismatch_names_the_full_key(cfg, tiny_float_tflite, tmp_path):
@@ -53,7 +55,7 @@ def test_label_count_mismatch_names_the_full_key(cfg, tiny_float_tflite, tmp_pat
     labels.write_text("a\nb\nc\n")
     cfg.model["digits"].metadata.outputs[0].labels = str(labels)
     with pytest.raises(ConfigError) as caught:
-        deliver.deliver(resolve_build(cfg, BUILD), tiny_float_tflite, _record(cfg))
+        deliver.deliver(resolve_build(cfg, BUILD), tiny_float_tflite, _record(cfg), input_ranges=PIXELS_0_1)
     assert caught.value.key == "model.digits.metadata.outputs[0].labels"
     assert "3 labels" in caught.value.message
 
@@ -61,10 +63,35 @@ def test_label_count_mismatch_names_the_full_key(cfg, tiny_float_tflite, tmp_pat
 def test_normalization_length_mismatch_names_the_full_key(cfg, tiny_float_tflite):
     cfg.model["digits"].metadata.inputs[0].mean = [0.0, 0.0]
     with pytest.raises(ConfigError) as caught:
-        deliver.deliver(resolve_build(cfg, BUILD), tiny_float_tflite, _record(cfg))
+        deliver.deliver(resolve_build(cfg, BUILD), tiny_float_tflite, _record(cfg), input_ranges=PIXELS_0_1)
     assert caught.value.key == "model.digits.metadata.inputs[0].mean"
 
 
 def test_provenance_has_no_run_specific_values(cfg):
     text = json.dumps(_record(cfg))
     assert "time" not in text and "run_id" not in text
+
+
+def test_normalization_must_map_raw_pixels_onto_the_validated_range(cfg, tiny_float_tflite):
+    """digits once shipped std 1 for a model trained on [0, 1]: a client feeding 8-bit pixels
+    gave it 0..255. The check names the key and the values that fit."""
+    image = cfg.model["digits"].metadata.inputs[0]
+    image.std = [1.0]
+    with pytest.raises(ConfigError) as caught:
+        deliver.deliver(resolve_build(cfg, BUILD), tiny_float_tflite, _record(cfg), input_ranges=PIXELS_0_1)
+    assert caught.value.key == "model.digits.metadata.inputs[0].std"
+    assert "onto [0, 255]" in caught.value.message and "mean: [0], std: [255] would fit" in caught.value.message
+    image.std, image.mean = [127.5], [127.5]  # MobileNet's [-1, 1] is not digits' [0, 1] either
+    with pytest.raises(ConfigError, match=r"onto \[-1, 1\]"):
+        deliver.deliver(resolve_build(cfg, BUILD), tiny_float_tflite, _record(cfg), input_ranges=PIXELS_0_1)
+    mobilenet_range = {"image": {"min": [-0.998, -1.0, -0.999], "max": [1.0, 0.997, 1.0]}}
+    image.min, image.max = [-1.0], [1.0]
+    deliver.deliver(resolve_build(cfg, BUILD), tiny_float_tflite, _record(cfg), input_ranges=mobilenet_range)
+
+
+def test_min_max_stats_must_be_the_normalized_range(cfg, tiny_float_tflite):
+    cfg.model["digits"].metadata.inputs[0].max = [255.0]
+    with pytest.raises(ConfigError) as caught:
+        deliver.deliver(resolve_build(cfg, BUILD), tiny_float_tflite, _record(cfg), input_ranges=PIXELS_0_1)
+    assert caught.value.key == "model.digits.metadata.inputs[0].max"
+    assert "min: [0], max: [1] would fit" in caught.value.message

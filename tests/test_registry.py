@@ -42,7 +42,7 @@ def deliver_build(cfg, build, model: bytes, accuracy: float = 0.97):
         resolved, convert_info={"source_sha256": "ab" * 32, "conversion_path": "from_saved_model"},
         quantize_info={"representative_sha256": "cd" * 32, "representative_samples": 200}, git_commit="c0ffee",
         experiment=cfg.tracking.experiment)
-    delivered = deliver.deliver(resolved, model, record)
+    delivered = deliver.deliver(resolved, model, record, input_ranges={})  # no evaluation data here
     model_file = write_bytes(resolved.paths.delivered, delivered)
     metrics = {"accuracy": accuracy, "source_accuracy": 0.98, "accuracy_drop": 0.98 - accuracy, "cosine": 0.999,
                "snr_db": 30.0, "size_bytes": len(delivered), "size_ratio": 1.0, "latency_median_ms": 0.01}

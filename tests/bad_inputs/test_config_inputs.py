@@ -114,3 +114,28 @@ def test_a_nightly_summary_outside_the_project_is_refused(tiny_project):
     line = fails_cleanly(tiny_project, stage("data", "digits_calibration"), EXIT_CONFIG, "params.yaml",
                          "nightly.summary")
     assert "outside the project" in line
+
+
+def test_a_normalization_that_misleads_image_clients_is_refused(tiny_project):
+    """The tiny digits model is validated on pixels in [0, 1]: std 1 would have a client feed it
+    0..255. The metadata stage refuses it, naming the values that fit, and delivers nothing."""
+    set_params(tiny_project, {"model.digits.metadata.inputs": [
+        {"name": "image", "content": "image", "color_space": "GRAYSCALE", "mean": [0.0], "std": [1.0]}]})
+    line = fails_cleanly(tiny_project, stage("metadata", "digits-float"), EXIT_CONFIG, "params.yaml",
+                         "model.digits.metadata.inputs[0].std")
+    assert "mean: [0], std: [255] would fit" in line
+    assert not (tiny_project / "models/digits/float.tflite").exists()
+
+
+@pytest.mark.parametrize(("field", "value", "words"), [
+    ("std", [0.0], "must not be 0"),
+    ("mean", [float("nan")], "finite"),
+    ("max", [-1.0], "must not be below min"),
+], ids=["zero_std", "nan_mean", "max_below_min"])
+def test_metadata_numbers_are_checked_when_the_config_loads(tiny_project, field, value, words):
+    entry = {"name": "image", "content": "image", "color_space": "GRAYSCALE", "mean": [0.0], "std": [255.0],
+             "min": [0.0], "max": [1.0], field: value}
+    set_params(tiny_project, {"model.digits.metadata.inputs": [entry]})
+    line = fails_cleanly(tiny_project, stage("quantize", "digits-float"), EXIT_CONFIG, "params.yaml",
+                         f"model.digits.metadata.inputs[0].{field}")
+    assert words in line

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import struct
+import zipfile
+
 import numpy as np
 
 from pipeline.errors import EXIT_CONFIG, EXIT_GATE, EXIT_INPUT
@@ -35,6 +38,34 @@ def test_keras_file_that_is_not_a_zip(tiny_project):
     set_params(tiny_project, {f"{SOURCE}.format": "keras", f"{SOURCE}.path": "tiny/model.keras"})
     line = fails_cleanly(tiny_project, CONVERT, EXIT_INPUT, "tiny/model.keras", f"{SOURCE}.path")
     assert "cannot load Keras model" in line
+
+
+def _archive_declaring(path, sizes: list[int]) -> None:
+    """A ZIP whose directory declares members of `sizes` bytes (patched: a bomb need not be built)."""
+    with zipfile.ZipFile(path, "w") as archive:
+        for index in range(len(sizes)):
+            archive.writestr(f"m{index}", b"")
+    data = bytearray(path.read_bytes())
+    start = 0
+    for size in sizes:  # central directory entries: uncompressed size at offset 24
+        start = data.index(b"PK\x01\x02", start)
+        struct.pack_into("<I", data, start + 24, size)
+        start += 4
+    path.write_bytes(bytes(data))
+
+
+def test_keras_archive_that_unpacks_to_too_much_is_refused_unopened(tiny_project):
+    _archive_declaring(tiny_project / "tiny/bomb.keras", [0xFFFFFFF0] * 3)  # 12.9 GB declared
+    set_params(tiny_project, {f"{SOURCE}.format": "keras", f"{SOURCE}.path": "tiny/bomb.keras"})
+    line = fails_cleanly(tiny_project, CONVERT, EXIT_INPUT, "tiny/bomb.keras", f"{SOURCE}.path")
+    assert "unpacks to 12,884,901,840 bytes" in line
+
+
+def test_keras_archive_of_too_many_files_is_refused_unopened(tiny_project):
+    _archive_declaring(tiny_project / "tiny/many.keras", [0] * 10_001)
+    set_params(tiny_project, {f"{SOURCE}.format": "keras", f"{SOURCE}.path": "tiny/many.keras"})
+    line = fails_cleanly(tiny_project, CONVERT, EXIT_INPUT, "tiny/many.keras", f"{SOURCE}.path")
+    assert "10,001 files" in line
 
 
 def test_h5_file_without_a_model(tiny_project):
