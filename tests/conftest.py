@@ -21,13 +21,18 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Comple
     return subprocess.run(list(args), cwd=cwd, env=full_env, capture_output=True, text=True)
 
 
+# What `make run` leaves beside the sources: a copy must not inherit the run's lock.
+RUN_OUTPUTS = ("dvc.lock",)
+
+
 def copy_project(target: Path, root: Path = ROOT) -> Path:
     """Copy a project's git-tracked (and new, unignored) files: what a fresh clone holds."""
-    tracked = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=root, capture_output=True, text=True, check=True,
-    ).stdout.split()
-    for name in tracked:
+    def files(*options: str) -> list[str]:
+        return subprocess.run(["git", "ls-files", *options], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.split()
+
+    new = [name for name in files("--others", "--exclude-standard") if name not in RUN_OUTPUTS]
+    for name in files("--cached") + new:
         source = root / name
         if source.is_file() and not name.startswith(("tests/", "bench/")):
             (target / name).parent.mkdir(parents=True, exist_ok=True)

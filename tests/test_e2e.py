@@ -65,6 +65,14 @@ def test_every_build_yields_a_runnable_model(repro):
         assert report["bytes"] == path.stat().st_size
 
 
+def test_every_delivered_buffer_is_16_byte_aligned(repro):
+    from pipeline.metadata.tflite import misaligned_buffers
+
+    for build in _builds(repro).values():
+        delivered = (repro / "models" / "digits" / f"{build.variant}.tflite").read_bytes()
+        assert misaligned_buffers(delivered) == [], build.variant
+
+
 def test_mlflow_has_one_run_per_build_with_size_and_model(repro):
     from mlflow import MlflowClient
 
