@@ -12,11 +12,9 @@ from pipeline.errors import EXIT_OK, naming_file
 
 
 def cmd_compose(args: argparse.Namespace) -> int:
-    from pipeline import config
-    from pipeline.io import write_text
+    from pipeline import repro
 
-    text = config.compose(args.overrides, conf_dir=args.conf)
-    write_text(args.output, text)
+    repro.write_composed(args.overrides, args.conf, args.output)
     print(f"wrote {args.output}")
     return EXIT_OK
 
@@ -27,7 +25,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     invocation = repro.start(args.overrides, args.conf, args.name, kind="repro")
     with repro.ended_on_failure(invocation):
-        code = repro.reproduce(*args.targets)
+        code = repro.reproduce(*args.targets, verbose=args.verbose)
     repro.finish(invocation, succeeded=code == 0)  # with the report stages' comparison of the variants
     return code
 
@@ -64,7 +62,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_nightly(args: argparse.Namespace) -> int:
     from pipeline import nightly
 
-    return nightly.run_nightly(args.overrides, args.conf, args.name)
+    return nightly.run_nightly(args.overrides, args.conf, args.name, verbose=args.verbose)
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
@@ -132,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--conf", default="conf")
     run.add_argument("--target", dest="targets", action="append", default=[], help="dvc repro target (repeatable)")
     run.add_argument("--name", default="pipeline", help="name of the MLflow parent run")
+    run.add_argument("-v", "--verbose", action="store_true", help="show native libraries' log lines too")
     run.set_defaults(func=cmd_run)
 
     inspect = commands.add_parser("inspect", help="print a .tflite's metadata, packed files and provenance")
@@ -161,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     nightly.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. 'model=[digits]'")
     nightly.add_argument("--conf", default="conf")
     nightly.add_argument("--name", default="nightly", help="name of the MLflow parent run")
+    nightly.add_argument("-v", "--verbose", action="store_true", help="show native libraries' log lines too")
     nightly.set_defaults(func=cmd_nightly)
 
     promote = commands.add_parser("promote", help="point the alias <alias>-<variant> at a registered version")

@@ -523,8 +523,10 @@ HIGHER_IS_BETTER: dict[str, bool] = {
     "latency_p90_ms": False,
 }
 
-# Names that reach file paths (models, variants, datasets, builds): no separators, no dots.
-NAME = re.compile(r"[A-Za-z0-9_]+")
+# Names that reach file paths (models, variants, datasets, builds): no separators, no dots;
+# starting and ending with a letter or digit, as DVC artifact names (`<model>-<variant>`) must.
+NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_]*[A-Za-z0-9])?")
+NAME_RULE = "names use A-Z, a-z, 0-9 and _ only, and start and end with a letter or digit"
 REGISTRY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 # Tensor names as LiteRT signatures spell them.
 TENSOR_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]*")
@@ -600,7 +602,7 @@ def _check_references(cfg: PipelineConfig, file: str) -> None:
             known = ", ".join(sorted(group)) or "none"
             raise ConfigError(f"unknown {what} '{name}' (known: {known})", file=file, key=key)
 
-    def named(group: dict, prefix: str, pattern: re.Pattern = NAME, what: str = "names use A-Z, a-z, 0-9 and _ only") -> None:
+    def named(group: dict, prefix: str, pattern: re.Pattern = NAME, what: str = NAME_RULE) -> None:
         for name in group:
             if not pattern.fullmatch(str(name)):
                 raise ConfigError(what, file=file, key=f"{prefix}.{name}")

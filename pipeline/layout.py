@@ -152,3 +152,45 @@ def stage_files(stage: str, key: str, cfg: "PipelineConfig") -> tuple[set[str], 
         return (strings(out.delivered, files.float_model, files.reference),
                 strings(out.validation_json, out.validation_markdown, out.layer_errors))
     raise KeyError(f"no stage {stage!r} in the layout")
+
+
+# dvc.yaml ends with the delivered models as DVC artifacts (`dvc artifacts get`, model registry
+# views), written below this line by `compose` from the same builds the stages deliver.
+ARTIFACTS_MARKER = "# --- artifacts: written by `litert-pipeline compose` from the builds (pipeline/layout.py); do not edit"
+
+
+def dvc_artifacts(cfg: "PipelineConfig") -> dict[str, dict]:
+    """One DVC artifact per delivered model, named after its build (`<model>-<variant>`)."""
+    entries = [(entry.model, entry.variant) for entry in cfg.build.values()]
+    entries += [(model, AUTO_VARIANT) for model in cfg.autoselect]
+    artifacts = {}
+    for model, variant in sorted(entries):
+        config = cfg.model[model]
+        described = config.metadata.description or model
+        artifacts[f"{model}-{variant}"] = {
+            "path": BuildPaths.of(model, variant).delivered.as_posix(),
+            "type": "model",
+            "desc": f"{described} LiteRT model, variant {variant}.",
+            "labels": sorted({"litert", config.team, model, variant}),
+            "meta": {
+                "model": model,
+                "variant": variant,
+                "team": config.team,
+                "registered_model": config.registry_name or f"{config.team}.{model}",
+                "gates": config.validation,
+                # The verdict is the report's, written when the build is validated.
+                "validation_report": BuildPaths.of(model, variant).validation_json.as_posix(),
+            },
+        }
+    return artifacts
+
+
+def with_dvc_artifacts(dvc_yaml: str, cfg: "PipelineConfig") -> str:
+    """`dvc_yaml`'s text with the artifacts section (after ARTIFACTS_MARKER) rewritten for `cfg`."""
+    import yaml
+
+    stages = dvc_yaml.partition(ARTIFACTS_MARKER)[0]
+    artifacts = dvc_artifacts(cfg)
+    section = (yaml.safe_dump({"artifacts": artifacts}, sort_keys=False, width=120, default_flow_style=None)
+               if artifacts else "")
+    return f"{stages.rstrip()}\n\n{ARTIFACTS_MARKER}\n{section}"

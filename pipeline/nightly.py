@@ -155,16 +155,16 @@ def _cell(value: Any) -> str:
     return f"{value:.6g}" if isinstance(value, (int, float)) else "—"
 
 
-def run_nightly(overrides: list[str], conf_dir: str, name: str) -> int:
+def run_nightly(overrides: list[str], conf_dir: str, name: str, *, verbose: bool = False) -> int:
     started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     invocation = repro.start(overrides, conf_dir, name, kind="nightly")
     with repro.ended_on_failure(invocation):
-        return _nightly(invocation, name, started)
+        return _nightly(invocation, name, started, verbose)
 
 
-def _nightly(invocation: repro.Invocation, name: str, started: str) -> int:
+def _nightly(invocation: repro.Invocation, name: str, started: str, verbose: bool) -> int:
     cfg = invocation.cfg
-    repro_code = repro.reproduce()  # --keep-going: every build gets a verdict, not just the first failure
+    repro_code = repro.reproduce(verbose=verbose)  # --keep-going: every build gets a verdict, not just the first failure
     stale, graph = repro.stale_stages(), repro.stage_graph()
     builds = {name: resolve_build(cfg, name) for name in cfg.build}
     results = [classify(build, stale, repro.ancestors(graph, f"validate@{name}")) for name, build in builds.items()]

@@ -16,9 +16,10 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 from pipeline import config, layout, tracking
 from pipeline.config import PipelineConfig
@@ -60,10 +61,25 @@ class Invocation:
     parent: str | None  # the MLflow parent run; None when tracking is off or unreachable
 
 
+DVC_YAML = Path("dvc.yaml")
+
+
+def write_composed(overrides: list[str], conf_dir: str, output: str = config.PARAMS_FILE) -> PipelineConfig:
+    """Compose `conf/` into `output`; for the project's params.yaml, also declare the builds'
+    delivered models as dvc.yaml's artifacts. Returns the typed config."""
+    write_text(output, config.compose(overrides, conf_dir=conf_dir))
+    cfg = config.load(output)
+    if output == config.PARAMS_FILE and DVC_YAML.is_file():
+        text = DVC_YAML.read_text(encoding="utf-8")
+        updated = layout.with_dvc_artifacts(text, cfg)
+        if updated != text:
+            write_text(DVC_YAML, updated)
+    return cfg
+
+
 def start(overrides: list[str], conf_dir: str, name: str, kind: str) -> Invocation:
     """Compose params.yaml, open the parent run and upload what earlier offline runs queued."""
-    write_text(config.PARAMS_FILE, config.compose(overrides, conf_dir=conf_dir))
-    cfg = config.load()
+    cfg = write_composed(overrides, conf_dir)
     config.check_inputs_exist(cfg, conf_dir)
     parent = tracking.start_parent_run(cfg.tracking, name, {"kind": kind})
     os.environ.pop(tracking.PARENT_ENV, None)
@@ -118,12 +134,50 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
-def dvc(*args: str, env: dict[str, str] | None = None) -> int:
-    """Run a DVC command with its output shown; return its exit code. Interrupted, DVC gets a
-    SIGINT (it stops the stage it runs and leaves no lock behind) before it is killed."""
-    process = subprocess.Popen([str(BIN / "dvc"), *args], env={**_env(), **(env or {})})
+# Lines native libraries log from every stage process, whatever TF_CPP_MIN_LOG_LEVEL says:
+# absl's (TensorFlow's CUDA and oneDNN probes: "I0000 00:00:17... 123 port.cc:153] ...") and
+# the LiteRT interpreter's delegate notice. `-v` shows them.
+NATIVE_LOG = re.compile(rb"^([IWEF]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ [\w./-]+:\d+\] |WARNING: All log messages before "
+                        rb"absl::InitializeLog\(\) is called|INFO: Created TensorFlow Lite XNNPACK delegate)")
+
+
+def _forward_without_native_logs(source: int, target: BinaryIO) -> None:
+    """Copy `source` (a pipe) to `target` as it comes, dropping NATIVE_LOG lines. Progress bars
+    (segments ended by a carriage return) pass at once."""
+    pending = b""
+    while chunk := os.read(source, 65536):
+        pending += chunk
+        *segments, pending = re.split(rb"(?<=[\r\n])", pending)
+        kept = b"".join(segment for segment in segments if not NATIVE_LOG.match(segment))
+        if kept:
+            target.write(kept)
+            target.flush()
+    if pending and not NATIVE_LOG.match(pending):
+        target.write(pending)
+        target.flush()
+    os.close(source)
+
+
+def dvc(*args: str, env: dict[str, str] | None = None, verbose: bool = True) -> int:
+    """Run a DVC command with its output shown (without native libraries' log lines unless
+    `verbose`); return its exit code. Interrupted, DVC gets a SIGINT (it stops the stage it
+    runs and leaves no lock behind) before it is killed."""
+    stderr, forwarder = None, None
+    if not verbose and hasattr(sys.stderr, "buffer"):
+        read_end, stderr = os.pipe()
+        forwarder = threading.Thread(target=_forward_without_native_logs, args=(read_end, sys.stderr.buffer),
+                                     daemon=True)
+        forwarder.start()
     try:
-        return process.wait()
+        process = subprocess.Popen([str(BIN / "dvc"), *args], env={**_env(), **(env or {})}, stderr=stderr)
+    finally:
+        if stderr is not None:
+            os.close(stderr)  # the child holds its own copy: the forwarder ends when the child does
+    try:
+        code = process.wait()
+        if forwarder is not None:
+            forwarder.join()
+        return code
     except KeyboardInterrupt:
         process.send_signal(signal.SIGINT)
         try:
@@ -134,11 +188,11 @@ def dvc(*args: str, env: dict[str, str] | None = None) -> int:
         raise
 
 
-def reproduce(*targets: str) -> int:
+def reproduce(*targets: str, verbose: bool = False) -> int:
     """`dvc repro --keep-going`: one failing build does not stop the others. Returns 0, or the
     most severe documented exit code among the stages that failed (never DVC's own 255)."""
     with tempfile.TemporaryDirectory(prefix="litert-outcomes-") as folder:
-        code = dvc("repro", "--keep-going", *targets, env={OUTCOMES_ENV: folder})
+        code = dvc("repro", "--keep-going", *targets, env={OUTCOMES_ENV: folder}, verbose=verbose)
         outcomes = [_outcome(path) for path in sorted(Path(folder).glob("*.json"))]
     if code == 0:
         return EXIT_OK

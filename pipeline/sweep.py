@@ -151,7 +151,7 @@ def prepare_shared(overrides: list[str], conf_dir: str) -> dict[str, Any]:
     import yaml
 
     base = [o.input_line for o in _parse(overrides) if not o.is_sweep_override() and not _touches_builds(o.key_or_group)]
-    write_text(config.PARAMS_FILE, config.compose(base, conf_dir=conf_dir))
+    repro.write_composed(base, conf_dir)
     params = yaml.safe_load(Path(config.PARAMS_FILE).read_text(encoding="utf-8"))
     targets = [*DATA_STAGES, *(f"{stage}@{m}" for m in params["model"] for stage in SHARED_STAGES)]
     parent = os.environ.pop(tracking.PARENT_ENV, None)
@@ -304,7 +304,7 @@ class Sweep:
 
 def _start(overrides: list[str], conf_dir: str, name: str, kind: str) -> Sweep:
     if not config.NAME.fullmatch(name):  # it names the sweep's folder
-        raise ConfigError("sweep names use A-Z, a-z, 0-9 and _ only", key="--name")
+        raise ConfigError(f"sweep {config.NAME_RULE}", key="--name")
     prepare_shared(overrides, conf_dir)
     cfg = config.load()
     stamp = f"{datetime.now():%Y%m%d-%H%M%S}"

@@ -35,6 +35,7 @@ def repro(tmp_path_factory):
     _git(project, "commit", "-qm", "fixture")
     result = run_cli("litert-pipeline", "run", *OVERRIDES, "--name", "e2e", cwd=project, env=ENV)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (project / "run.log").write_text(result.stdout + result.stderr)
     return project
 
 
@@ -63,6 +64,17 @@ def test_every_build_yields_a_runnable_model(repro):
         assert output.shape == (1, 10) and np.isfinite(output).all(), build.variant
         report = json.loads((path.with_suffix(".json")).read_text())
         assert report["bytes"] == path.stat().st_size
+
+
+def test_run_is_quiet_by_default(repro):
+    """Every stage process imports TensorFlow or LiteRT; none of their native start-up lines
+    reach the run's output (`-v` shows them)."""
+    from pipeline.repro import NATIVE_LOG
+
+    output = (repro / "run.log").read_text()
+    assert "Running stage 'convert@digits'" in output
+    assert not [line for line in output.splitlines() if NATIVE_LOG.match(line.encode())]
+    assert "absl" not in output and "XNNPACK" not in output and "experimental_preserve_all_tensors" not in output
 
 
 def test_every_delivered_buffer_is_16_byte_aligned(repro):
@@ -112,3 +124,16 @@ def test_editing_one_variant_reruns_only_that_build(repro):
         assert set(status) == {"quantize@digits-static_wi8_ai16", "metadata@digits-static_wi8_ai16", "autoselect@digits"}
     finally:
         params.write_text(original)
+
+
+def test_dvc_artifacts_get_fetches_a_delivered_model(repro, tmp_path):
+    """The run declared its delivered models as DVC artifacts; once its lock is committed and a
+    version registered (GTO's git tag), any clone gets one by name from the cache."""
+    _git(repro, "add", "dvc.yaml", "dvc.lock", "params.yaml")
+    _git(repro, "commit", "-qm", "run")
+    registered = run_cli("gto", "register", "digits-float", cwd=repro, env=ENV)
+    assert registered.returncode == 0, registered.stderr[-3000:]
+    got = tmp_path / "digits-float.tflite"
+    result = run_cli("dvc", "artifacts", "get", str(repro), "digits-float", "-o", str(got), cwd=tmp_path, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert got.read_bytes() == (repro / "models" / "digits" / "float.tflite").read_bytes()

@@ -127,3 +127,21 @@ def test_the_library_has_no_import_cycle():
     for file in sorted(graph):
         if file not in state:
             visit(file, [file])
+
+
+def test_the_delivered_models_are_the_dvc_artifacts():
+    """dvc.yaml's `artifacts` section is what compose writes for the committed params.yaml: one
+    per delivered model, at the path its metadata stage writes, as DVC reads it."""
+    from dvc.repo import Repo
+
+    cfg = config.load(ROOT / "params.yaml")
+    text = (ROOT / "dvc.yaml").read_text()
+    assert layout.with_dvc_artifacts(text, cfg) == text, "run `litert-pipeline compose` and commit dvc.yaml"
+    with Repo(str(ROOT)) as repo:
+        declared = repo.artifacts.read()["dvc.yaml"]
+    delivered = {f"{b.model}-{b.variant}": layout.BuildPaths.of(b.model, b.variant).delivered.as_posix()
+                 for b in cfg.build.values()}
+    delivered |= {f"{m}-auto": layout.BuildPaths.of(m, "auto").delivered.as_posix() for m in cfg.autoselect}
+    assert {name: artifact.path for name, artifact in declared.items()} == delivered
+    float_digits = declared["digits-float"]
+    assert float_digits.type == "model" and float_digits.meta["variant"] == "float" and "vision" in float_digits.labels

@@ -182,3 +182,4 @@ def test_an_interrupted_run_ends_its_parent_run_killed_and_exits_130(project):
     experiment = client.get_experiment_by_name("litert-pipeline")
     (run,) = client.search_runs([experiment.experiment_id], "attributes.run_name = 'interrupted'")
     assert run.info.status == "KILLED"
+

@@ -1,0 +1,27 @@
+"""`litert-pipeline run` and `nightly` show the stages' output without native libraries' log lines."""
+
+from __future__ import annotations
+
+
+def test_native_log_lines_are_dropped_and_progress_bars_pass_at_once():
+    import io
+    import os
+    import threading
+
+    from pipeline.repro import _forward_without_native_logs
+
+    read_end, write_end = os.pipe()
+    out = io.BytesIO()
+    forwarder = threading.Thread(target=_forward_without_native_logs, args=(read_end, out))
+    forwarder.start()
+    for chunk in (b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n",
+                  b"I0000 00:00:1796146777.607624   16427 port.cc:153] oneDNN custom opera",
+                  b"tions are on.\nRunning stage 'convert@digits':\n",
+                  b"E0000 00:00:1796146785.892219   16427 cuda_platform.cc:52] failed call to cuInit\n",
+                  b"calibrate:  50%\r", b"calibrate: 100%\r\n", b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n",
+                  b"error: params.yaml: model.digits: the last line, without a newline"):
+        os.write(write_end, chunk)
+    os.close(write_end)
+    forwarder.join(timeout=10)
+    assert out.getvalue() == (b"Running stage 'convert@digits':\ncalibrate:  50%\rcalibrate: 100%\r\n"
+                              b"error: params.yaml: model.digits: the last line, without a newline")
