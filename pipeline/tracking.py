@@ -291,6 +291,8 @@ def _log(client: Any, tracking: TrackingConfig, record: StageRecord) -> str:
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.utils.time import get_current_time_millis
 
+    if record.stage == INVOCATION_STAGE:
+        return _log_invocation(client, record)
     experiment_id = _experiment_id(client, tracking)
     params = _params(record)
     run_id = find_or_create_build_run(client, experiment_id, record, params)
@@ -470,24 +472,51 @@ def end_parent_run(
     artifacts: list[Path] | None = None,
     status: str | None = None,
 ) -> None:
-    """End the invocation's run: FINISHED or FAILED (or `status`, e.g. KILLED when interrupted)."""
+    """End the invocation's run: FINISHED or FAILED (or `status`, e.g. KILLED when interrupted).
+    With tracking optional and MLflow unreachable, its metrics and artifacts are queued like
+    the stages' records: `sync` attaches them to this run (ending it), or to its own parent run
+    when this invocation had none."""
+    status = status or ("FINISHED" if succeeded else "FAILED")
+    record = StageRecord(model="", variant="", stage=INVOCATION_STAGE, metrics=dict(metrics or {}),
+                         artifacts=[Path(a) for a in artifacts or [] if Path(a).exists()], tags={"status": status},
+                         parent=run_id or "")
     if run_id is None:
+        if tracking.enabled and os.environ.get(OFFLINE_ENV) and not tracking.required and (record.metrics or
+                                                                                             record.artifacts):
+            _queue_with_warning(record, "MLflow was unreachable when this invocation started")
         return
+    try:
+        _call(tracking, lambda client: _log_invocation(client, record), doing="ending the parent run")
+    except TrackingError as exc:
+        if tracking.required:
+            raise
+        _queue_with_warning(record, exc.one_line())
 
-    def end(client: Any) -> None:
-        from mlflow.entities import Metric
-        from mlflow.utils.time import get_current_time_millis
 
-        now = get_current_time_millis()
-        client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()])
-        for artifact in artifacts or []:
-            if artifact.is_dir():
-                client.log_artifacts(run_id, str(artifact), artifact_path=artifact.name)
-            else:
-                client.log_artifact(run_id, str(artifact))
-        client.set_terminated(run_id, status or ("FINISHED" if succeeded else "FAILED"))
+INVOCATION_STAGE = "invocation"  # a record of the parent run itself, not of a build
 
-    _best_effort(tracking, end, doing="ending the parent run")
+
+def _log_invocation(client: Any, record: StageRecord) -> str:
+    """Attach an invocation's metrics and artifacts to its parent run and end that run with the
+    invocation's status; a record made without a parent run (MLflow was down all along) goes
+    into the uploading invocation's run, under `invocation/`, which it does not end."""
+    from mlflow.entities import Metric
+    from mlflow.utils.time import get_current_time_millis
+
+    if not record.parent:
+        raise InputError("an invocation record with no run to attach to: run `litert-pipeline sync`")
+    own_run = record.tags.get("ended_by") != "sync"
+    prefix = "" if own_run else f"{INVOCATION_STAGE}/"
+    now = get_current_time_millis()
+    client.log_batch(record.parent, metrics=[Metric(k, float(v), now, 0) for k, v in record.metrics.items()])
+    for artifact in record.artifacts:
+        if artifact.is_dir():
+            client.log_artifacts(record.parent, str(artifact), artifact_path=f"{prefix}{artifact.name}")
+        else:
+            client.log_artifact(record.parent, str(artifact), artifact_path=prefix.rstrip("/") or None)
+    if own_run:
+        client.set_terminated(record.parent, record.tags.get("status", "FINISHED"))
+    return record.parent
 
 
 # --- offline queue --------------------------------------------------------------------------
@@ -518,7 +547,10 @@ def queue(record: StageRecord) -> Path:
         for index, path in enumerate(dict.fromkeys(files)):
             copy = Path("files") / str(index) / Path(path).name
             (staged / copy).parent.mkdir(parents=True)
-            shutil.copy2(path, staged / copy)
+            if Path(path).is_dir():  # an invocation's comparison folder
+                shutil.copytree(path, staged / copy)
+            else:
+                shutil.copy2(path, staged / copy)
             copies[path] = copy.as_posix()
         data = asdict(record)
         # Secrets never touch the disk queue either: store the params already flattened and masked.
@@ -558,6 +590,8 @@ def sync(tracking: TrackingConfig, parent: str | None) -> int:
     for entry in pending():
         try:
             record = _load(entry)
+            if record.stage == INVOCATION_STAGE and not record.parent:
+                record.tags["ended_by"] = "sync"  # attached to the uploading run, which it must not end
             record.parent = record.parent or parent or ""
             _call(tracking, lambda client: _log(client, tracking, record), doing=f"uploading {entry}")
         except (InputError, TrackingError) as exc:

@@ -201,11 +201,25 @@ def test_generators_are_bounded_and_typed(generator, key):
     assert _refused({"generator": {"g": generator}}).key == key
 
 
-@pytest.mark.parametrize("name", ["../../escape", "/abs/path", "a.b"])
-def test_names_that_reach_paths_are_plain(name):
+# An entry of each named group to copy under a bad name.
+NAMED = {"model": "digits", "quantization": "float", "dataset": "digits_evaluation",
+         "generator": "imagenet_like", "runtime": "litert", "validation": "default", "autoselect": "digits"}
+
+
+@pytest.mark.parametrize("group", sorted(NAMED))
+@pytest.mark.parametrize("name", ["../../escape", "/abs/path", "a.b", "_hidden", "trailing_", "a b", "ü"])
+def test_names_that_reach_paths_are_plain(group, name):
     params = _params()
-    params["quantization"][name] = {"backend": "none"}
-    assert _refused(params).key == f"quantization.{name}"
+    params[group][name] = params[group][NAMED[group]]
+    error = _refused(params)
+    assert error.key == f"{group}.{name}", error
+
+
+@pytest.mark.parametrize("name", ["team/../../x", "a'b", ".hidden", "-dash"])
+def test_registry_names_are_plain(name):
+    params = _params()
+    params["model"]["digits"]["registry_name"] = name
+    assert _refused(params).key == "model.digits.registry_name"
 
 
 def test_a_stage_error_names_the_conf_file_that_set_the_value(tmp_path, monkeypatch):

@@ -188,3 +188,33 @@ def test_a_store_that_cannot_write_is_an_output_error(store, tmp_path):
     assert result.returncode == 7, result.stderr[-2000:]
     (line,) = [row for row in result.stderr.splitlines() if row.startswith("error:")]
     assert line.startswith("error: tracking.uri: MLflow at sqlite:///") and "could not write" in line
+
+
+def test_a_parent_runs_artifacts_are_queued_when_mlflow_is_down_and_attached_by_sync(store, fast_failures, tmp_path,
+                                                                                    monkeypatch):
+    """Both ways MLflow can be down at the end: all along (no parent run: sync attaches the
+    comparison to its own run, under invocation/, without ending it), and only at the end (the
+    parent run exists: sync attaches the files to it and ends it with the invocation's status)."""
+    comparison = tmp_path / "comparison" / "digits"
+    comparison.mkdir(parents=True)
+    (comparison / "report.md").write_text("| variant |")
+    offline = TrackingConfig(uri=DEAD, experiment="test", required=False)
+    monkeypatch.setenv(tracking.OFFLINE_ENV, "1")
+    tracking.end_parent_run(offline, None, succeeded=True, metrics={"builds": 7}, artifacts=[comparison.parent])
+    monkeypatch.delenv(tracking.OFFLINE_ENV)
+    ended_late = tracking.start_parent_run(store, "nightly", {"kind": "nightly"})
+    tracking.end_parent_run(offline, ended_late, succeeded=False, artifacts=[comparison.parent])
+    assert len(tracking.pending()) == 2
+    (comparison / "report.md").write_text("overwritten by a later run")
+
+    uploader = tracking.start_parent_run(store, "sync", {"kind": "sync"})
+    assert tracking.sync(store, uploader) == 2 and not tracking.pending()
+    client = _client(store)
+    late = client.get_run(ended_late)
+    assert late.info.status == "FAILED"
+    down = client.download_artifacts(ended_late, "comparison/digits/report.md", str(tmp_path / "a"))
+    assert open(down).read() == "| variant |"
+    sync_run = client.get_run(uploader)
+    assert sync_run.info.status == "RUNNING" and sync_run.data.metrics["builds"] == 7
+    down = client.download_artifacts(uploader, "invocation/comparison/digits/report.md", str(tmp_path / "b"))
+    assert open(down).read() == "| variant |"
