@@ -6,8 +6,10 @@ Stages of a build log into that run, found by tags, so a rerun updates it instea
 stray runs.
 
 Registry: MLflow has no tflite flavour. A passing build's record carries a `Registration`
-(pipeline/registry.py): its model and report are logged to the run's `model/` folder and the
-version is created from that folder (a single-file source downloads as an empty folder).
+(pipeline/registry.py): its model and report are logged to the run's `model/` folder, and
+saved as an MLflow 3 LoggedModel of that run with a small pyfunc flavour
+(pipeline/mlflow_tflite.py); the version is created from the LoggedModel (its folder, its id
+in the version's `litert.logged_model_id` tag).
 
 Offline: with `tracking.required: false`, a record that cannot be logged is queued under
 .litert/pending/ with copies of its files; `sync` (or the next run) replays the queue.
@@ -23,9 +25,11 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from importlib.metadata import version as installed_version
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
@@ -373,9 +377,12 @@ def register(client: Any, run_id: str, registration: Registration) -> int:
     except MlflowException as exc:
         if _error_code(exc) != "RESOURCE_ALREADY_EXISTS":
             raise
-    source = f"{client.get_run(run_id).info.artifact_uri}/{MODEL_FOLDER}"
-    created = int(client.create_model_version(registration.name, source, run_id=run_id, tags=registration.tags,
-                                              description=registration.description).version)
+    logged = _logged_model(client, run_id, registration)
+    # The LoggedModel's folder, not `models:/<id>`: the registry would resolve that through the
+    # process-wide tracking URI rather than this client's. The tag names the model either way.
+    created = int(client.create_model_version(registration.name, logged.artifact_location, run_id=run_id,
+                                              tags={**registration.tags, LOGGED_MODEL_TAG: logged.model_id},
+                                              description=registration.description, model_id=logged.model_id).version)
     # Two pipelines registering the same bytes at once both get here: the oldest version stays.
     oldest = _versions_of_bytes(client, registration)[0]
     if oldest < created:
@@ -385,6 +392,44 @@ def register(client: Any, run_id: str, registration: Registration) -> int:
         client.set_registered_model_alias(registration.name, variant_alias(CANDIDATE, registration.variant),
                                           str(created))
     return created
+
+
+LOGGED_MODEL_TAG = f"{TAG_PREFIX}logged_model_id"
+
+
+def _logged_model(client: Any, run_id: str, registration: Registration) -> Any:
+    """The delivered model as an MLflow 3 LoggedModel of its build run, loadable with
+    `mlflow.pyfunc.load_model` (the `mlflow_tflite` flavour): the `.tflite`, its validation
+    report and metrics, lineage tags."""
+    import mlflow.pyfunc
+    from mlflow.entities import LoggedModelStatus, Metric
+    from mlflow.utils.time import get_current_time_millis
+
+    from pipeline import mlflow_tflite
+
+    logged = client.create_logged_model(client.get_run(run_id).info.experiment_id,
+                                        name=re.sub(r"[/:.%\"']", "_", f"{registration.name}-{registration.variant}"),
+                                        source_run_id=run_id,
+                                        tags=registration.tags, model_type="litert")
+    try:
+        with tempfile.TemporaryDirectory(prefix="litert-logged-model-") as folder:
+            saved = Path(folder) / "model"
+            mlflow.pyfunc.save_model(
+                str(saved), loader_module=Path(mlflow_tflite.__file__).stem, data_path=registration.model_file,
+                code_paths=[mlflow_tflite.__file__],
+                pip_requirements=[f"{package}=={installed_version(package)}" for package in ("ai-edge-litert", "numpy")])
+            shutil.copy2(registration.report_file, saved)
+            client.log_model_artifacts(logged.model_id, str(saved))
+        report = json.loads(Path(registration.report_file).read_text(encoding="utf-8"))
+        now = get_current_time_millis()
+        metrics = [Metric(k, float(v), now, 0, model_id=logged.model_id, run_id=run_id)
+                   for k, v in report.get("metrics", {}).items() if isinstance(v, (int, float)) and v is not None]
+        for batch in _chunks(metrics):
+            client.log_batch(run_id, metrics=batch)
+    except BaseException:
+        client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+        raise
+    return client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
 
 
 def _version_info(version: Any, aliases: list[str]) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 from pipeline import config, deliver, registry, tracking
@@ -83,8 +84,36 @@ def test_a_passing_build_is_registered_once_with_lineage_from_its_bytes(cfg, tin
 
     mlflow.set_tracking_uri(tracking.tracking_uri(cfg.tracking))
     mlflow.artifacts.download_artifacts(f"models:/{NAME}@candidate-float", dst_path=str(tmp_path / "down"))
-    assert (tmp_path / "down" / "float.tflite").read_bytes() == model_file.read_bytes()
+    assert (tmp_path / "down" / "data" / "float.tflite").read_bytes() == model_file.read_bytes()
     assert json.loads((tmp_path / "down" / "validation.json").read_text()) == report
+
+
+def test_a_registered_version_is_a_logged_model_that_pyfunc_runs_in_litert(cfg, tiny_float_tflite, tmp_path):
+    """MLflow has no tflite flavour: the version's LoggedModel carries ours. Loaded by alias,
+    it returns what the LiteRT interpreter returns on the delivered bytes, by output name."""
+    import mlflow
+    from ai_edge_litert.interpreter import Interpreter
+    from mlflow import MlflowClient
+
+    model_file, report_file = deliver_build(cfg, "digits-float", tiny_float_tflite)
+    run_id = log_validate(cfg, "digits-float", model_file, report_file)
+    client = MlflowClient(tracking.tracking_uri(cfg.tracking))
+    (version,) = client.search_model_versions(f"name = '{NAME}'")
+    logged = client.get_logged_model(version.tags["litert.logged_model_id"])
+    assert logged.source_run_id == run_id and logged.status == "READY" and version.source == logged.artifact_location
+    assert logged.tags["litert.model_sha256"] == version.tags["litert.model_sha256"]
+    assert {m.key for m in logged.metrics} >= {"accuracy", "cosine", "size_bytes"}
+
+    mlflow.set_tracking_uri(tracking.tracking_uri(cfg.tracking))
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@candidate-float")
+    images = np.random.default_rng(0).uniform(size=(3, 8, 8, 1)).astype(np.float32)
+    predicted = model.predict({"image": images})
+    runner = Interpreter(model_content=model_file.read_bytes()).get_signature_runner()
+    expected = [runner(image=images[i:i + 1]) for i in range(3)]
+    assert sorted(predicted) == sorted(expected[0])
+    for name, value in predicted.items():
+        np.testing.assert_array_equal(value, np.concatenate([e[name] for e in expected]))
+    np.testing.assert_array_equal(model.predict(images)[name], predicted[name])  # one input: a bare array
 
 
 def test_an_unverified_build_is_registered_tagged_and_never_aliased(cfg, tiny_float_tflite):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 from pipeline import registry
@@ -85,7 +86,18 @@ def test_each_passing_variant_is_a_version_whose_lineage_matches_its_delivered_m
         assert version.tags["litert.model_sha256"] == report["model_sha256"]
         assert float(version.tags["litert.metric.accuracy"]) == report["metrics"]["accuracy"]
         mlflow.artifacts.download_artifacts(f"models:/{NAME}@candidate-{variant}", dst_path=str(tmp_path / variant))
-        assert (tmp_path / variant / f"{variant}.tflite").read_bytes() == delivered
+        assert (tmp_path / variant / "data" / f"{variant}.tflite").read_bytes() == delivered
+        logged = client.get_logged_model(version.tags["litert.logged_model_id"])
+        assert logged.source_run_id == version.run_id and version.source == logged.artifact_location
+    # The pyfunc flavour runs a served version in LiteRT, as the interpreter does.
+    from ai_edge_litert.interpreter import Interpreter
+
+    images = np.load(served / "artifacts" / "digits" / "reference.npz")["input:image"][:4]
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@candidate-float")
+    runner = Interpreter(model_path=str(served / "models" / "digits" / "float.tflite")).get_signature_runner()
+    (output,) = model.predict({"image": images}).values()
+    expected = np.concatenate([next(iter(runner(image=images[i:i + 1]).values())) for i in range(4)])
+    np.testing.assert_array_equal(output, expected)
 
 
 def test_unreachable_server_fails_in_one_line_or_queues_until_sync(served, mlflow_server):
