@@ -159,7 +159,7 @@ def test_keep_in_float_appends_entries_that_win():
 @pytest.mark.parametrize("autoselect_entry, key", [
     ({"nomodel": {}}, "autoselect.nomodel"),
     ({"digits": {"candidates": ["nope"]}}, "autoselect.digits.candidates[0]"),
-    ({"digits": {"layers_per_step": 0}}, "autoselect.digits"),
+    ({"digits": {"layers_per_step": 0}}, "autoselect.digits.layers_per_step"),
 ])
 def test_bad_autoselect_config_names_the_key(tmp_path, autoselect_entry, key):
     import yaml
