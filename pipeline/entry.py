@@ -56,13 +56,25 @@ def exit_on_error(main):
             name_the_conf_file(exc)
             print(f"error: {exc.one_line()}", file=sys.stderr)
             record_outcome(exc.exit_code, exc.one_line())
+            _error_line_stays_last()
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM where a command turns it into this
             print("error: interrupted", file=sys.stderr)
             record_outcome(EXIT_INTERRUPTED, "interrupted")
+            _error_line_stays_last()
             sys.exit(EXIT_INTERRUPTED)
         except Exception as exc:  # a bug: the traceback follows, and the invocation learns of it
             record_outcome(EXIT_INTERNAL, f"internal error: {type(exc).__name__}: {first_line(exc)}")
             raise
 
     return wrapper
+
+
+def _error_line_stays_last() -> None:
+    """Drop what native code writes to stderr while the process exits (LiteRT's accelerator
+    registry logs its teardown from static destructors), so the error line is the last line."""
+    sys.stderr.flush()
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+    except OSError:
+        pass

@@ -135,10 +135,12 @@ def _env() -> dict[str, str]:
 
 
 # Lines native libraries log from every stage process, whatever TF_CPP_MIN_LOG_LEVEL says:
-# absl's (TensorFlow's CUDA and oneDNN probes: "I0000 00:00:17... 123 port.cc:153] ...") and
-# the LiteRT interpreter's delegate notice. `-v` shows them.
+# absl's (TensorFlow's CUDA and oneDNN probes: "I0000 00:00:17... 123 port.cc:153] ..."), the
+# LiteRT interpreter's delegate notice, and LiteRT's CompiledModel environment set-up
+# ("INFO: [gpu_registry.cc:130] ...", "└ Could not load shared library ..."). `-v` shows them.
 NATIVE_LOG = re.compile(rb"^([IWEF]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ [\w./-]+:\d+\] |WARNING: All log messages before "
-                        rb"absl::InitializeLog\(\) is called|INFO: Created TensorFlow Lite XNNPACK delegate)")
+                        rb"absl::InitializeLog\(\) is called|INFO: Created TensorFlow Lite XNNPACK delegate|"
+                        rb"(INFO|WARNING|VERBOSE): \[[\w./-]+:\d+\] |\xe2\x94\x94 )")
 
 
 def _forward_without_native_logs(source: int, target: BinaryIO) -> None:

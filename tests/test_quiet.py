@@ -18,6 +18,9 @@ def test_native_log_lines_are_dropped_and_progress_bars_pass_at_once():
                   b"I0000 00:00:1796146777.607624   16427 port.cc:153] oneDNN custom opera",
                   b"tions are on.\nRunning stage 'convert@digits':\n",
                   b"E0000 00:00:1796146785.892219   16427 cuda_platform.cc:52] failed call to cuInit\n",
+                  b"INFO: [gpu_registry.cc:130] Attempting to load GPU accelerator(libLiteRtGpuAccelerator.so).\n",
+                  "WARNING: [compiler_plugin.cc:312] Failed to load plugin: ERROR: [plugin.cc:259]\n".encode(),
+                  "\u2514 Could not load shared library libLiteRtCompilerPlugin_IntelOpenvino.so\n".encode(),
                   b"calibrate:  50%\r", b"calibrate: 100%\r\n", b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n",
                   b"error: params.yaml: model.digits: the last line, without a newline"):
         os.write(write_end, chunk)

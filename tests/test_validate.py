@@ -151,6 +151,7 @@ def test_correct_conversion_passes_with_sane_metrics(float_model, data, referenc
     assert metrics["source_accuracy"] > 0.9 and abs(metrics["accuracy_drop"]) < 1e-9
     assert metrics["size_ratio"] == 1.0 and 0 < metrics["latency_median_ms"] <= metrics["latency_p90_ms"]
     assert result.report["run"]["signature"] == "serving_default" and result.report["run"]["batch_size"] == 32
+    assert result.report["run"]["latency_api"] == "CompiledModel" and "latency_fallback" not in result.report["run"]
     assert result.report["runtime"]["gpu"]["incompatible"] == []
     assert result.report["layer_errors"]["reason"].startswith("not a static integer model")
     json.dumps(result.report, allow_nan=False)  # strict JSON: DVC reads it as metrics
@@ -203,6 +204,21 @@ def test_unmeasurable_gate_fails(select_ops_model):
     assert result.report["verification"] == "unverified"
 
 
+def test_latency_falls_back_to_the_interpreter_with_the_reason():
+    """A model the CompiledModel API cannot run by name (no signature: a legacy conversion) is
+    timed through the interpreter, and the report says so and why."""
+    import tensorflow as tf
+
+    module = tf.Module()
+    module.f = tf.function(lambda x: {"y": x * 2.0}, input_signature=[tf.TensorSpec([1, 4], tf.float32)])
+    model = tf.lite.TFLiteConverter.from_concrete_functions([module.f.get_concrete_function()]).convert()  # no module
+    samples = Samples({"x": np.ones((3, 4), np.float32)})
+    result = run_validation(model, model, samples, {"y": np.full((3, 4), 2.0, np.float32)})
+    run = result.report["run"]
+    assert run["signature"] is None and run["latency_api"] == "Interpreter" and "no signature" in run["latency_fallback"]
+    assert result.report["metrics"]["latency_median_ms"] > 0
+
+
 def test_static_batch_model_runs_one_sample_at_a_time():
     import tensorflow as tf
 
@@ -246,6 +262,7 @@ def test_int8_io_model_is_quantized_and_dequantized(int8_model, float_model, dat
     result = run_validation(int8_model, float_model, evaluation, reference, gates=GATES)
     metrics = result.report["metrics"]
     assert result.report["run"]["input_dtypes"] == {"features": "int8"}
+    assert result.report["run"]["latency_api"] == "CompiledModel", result.report["run"].get("latency_fallback")
     assert result.failures == [], result.failures
     assert metrics["cosine"] > 0.99 and abs(metrics["accuracy_drop"]) <= 0.02
     layers = result.report["layer_errors"]

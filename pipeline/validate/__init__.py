@@ -120,9 +120,11 @@ def validate(
                                                else "no output is labelled with class indices")
             if gates.task_metric:
                 metrics.update(task_metric_scores(gates.task_metric, model_outputs, reference, samples.labels))
-            metrics["latency_median_ms"], metrics["latency_p90_ms"] = latency_ms(
-                run.runner, samples.sample(0), runs=gates.latency_runs, warmup=gates.warmup_runs
-            )
+            latency = latency_ms(run.runner, samples.sample(0), model=model, num_threads=runtime.num_threads,
+                                 runs=gates.latency_runs, warmup=gates.warmup_runs)
+            metrics["latency_median_ms"], metrics["latency_p90_ms"] = latency.median_ms, latency.p90_ms
+            run_report.update(outputs_api="Interpreter", latency_api=latency.api,
+                              **({"latency_fallback": latency.fallback_reason} if latency.fallback_reason else {}))
 
     if unverifiable:
         rows, reason = [], unverifiable
