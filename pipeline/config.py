@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 from pipeline.errors import ConfigError, InputError
 from pipeline.layout import AUTO_VARIANT, EXAMPLES, LABELS, RECIPES
@@ -914,6 +914,7 @@ def compose(overrides: list[str] | None = None, conf_dir: str | Path = CONF_DIR)
     conf_path = Path(conf_dir).resolve()
     for conf_file in sorted(Path(conf_dir).rglob("*.yaml")):  # Hydra reads them whole: bound them first
         read_yaml_text(conf_file)
+    _check_one_owner_per_key(Path(conf_dir))
     try:
         with initialize_config_dir(str(conf_path), version_base=None):
             cfg = hydra_compose(config_name=CONFIG_NAME, overrides=list(overrides or []))
@@ -979,6 +980,62 @@ def _walk(node: Any, key: str) -> tuple[Any, str, int]:
 def value_at(data: Any, key: str) -> Any:
     node, remaining, _ = _walk(data, key)
     return _UNSET if remaining else node
+
+
+# Folders of conf/ that are not composed into params.yaml: Hydra's own settings and sweeps.
+NOT_COMPOSED = ("hydra", "sweep")
+# `${resolver:...}`: a conf file could copy the machine's environment (`oc.env`) into
+# params.yaml, MLflow and the registry. Plain `${a.b}` references stay allowed.
+RESOLVER = re.compile(r"\$\{\s*[\w.]+\s*:")
+
+
+def _check_one_owner_per_key(conf_dir: Path) -> None:
+    """Each key is set by one conf file: Hydra would let a later file (another team's) silently
+    override an earlier one's value, e.g. loosen its gates. Options of a one-choice group
+    (`tracking: local`) are alternatives and may set the same keys. No resolvers either."""
+    import yaml
+
+    defaults = (yaml.safe_load(read_yaml_text(conf_dir / f"{CONFIG_NAME}.yaml")) or {}).get("defaults") or []
+    one_choice = {group for entry in defaults if isinstance(entry, dict)
+                  for group, choice in entry.items() if isinstance(choice, str)}
+    owners: dict[str, tuple[Path, str]] = {}
+    for file in sorted(conf_dir.rglob("*.yaml")):
+        relative = file.relative_to(conf_dir)
+        if relative.parts[0] in NOT_COMPOSED:
+            continue
+        text = read_yaml_text(file)
+        group = relative.parts[:-1]
+        header = re.search(r"^#\s*@package\s+(\S+)", text, re.MULTILINE)
+        package = (header.group(1) if header else ".".join(group)).replace("_group_", ".".join(group))
+        prefix = "" if package == "_global_" else package
+        try:
+            node = yaml.safe_load(text) or {}
+        except yaml.YAMLError:
+            continue  # Hydra reports it, naming the file
+        for key, value in _leaves(node, prefix):
+            if isinstance(value, str) and RESOLVER.search(value):
+                raise ConfigError("resolvers (`${oc.env:…}` and the like) are not allowed in conf files: they would "
+                                  "copy this machine's environment into params.yaml and MLflow", file=_relative(file),
+                                  key=key)
+            other, other_prefix = owners.setdefault(key, (file, prefix))
+            alternatives = group and other.parent == file.parent and group[0] in one_choice
+            if other != file and not alternatives:
+                # The file whose package holds the key owns it (conf/validation/x.yaml for
+                # validation.x.*); a broader file (a model's `_global_` one) is the intruder.
+                owner, intruder = (other, file) if len(other_prefix) >= len(prefix) else (file, other)
+                raise ConfigError(f"also set by {_relative(owner)}: each key belongs to one conf file (Hydra would "
+                                  "let one file override the other silently)", file=_relative(intruder), key=key)
+
+
+def _leaves(node: Any, prefix: str) -> Iterator[tuple[str, Any]]:
+    """(full key, value) of every value a YAML tree sets (lists are values; `defaults` is Hydra's)."""
+    if isinstance(node, dict):
+        for name, value in node.items():
+            if not prefix and name == "defaults":
+                continue
+            yield from _leaves(value, f"{prefix}.{name}" if prefix else str(name))
+    else:
+        yield prefix, node
 
 
 def conf_file_setting(conf_dir: Path, full_key: str | None, value: Any) -> str | None:

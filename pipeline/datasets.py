@@ -29,6 +29,8 @@ ONLY = "*"
 INPUT, LABEL = "input:", "label:"
 # Images decode to this many pixels at most (a crafted PNG header can claim billions).
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024
+# A folder of images is held in memory as float32: at most this many values in all.
+MAX_FOLDER_VALUES = 1 << 28
 
 
 @dataclass(frozen=True)
@@ -150,7 +152,7 @@ def _read_images(dataset: DatasetConfig, key: str) -> Samples:
     files: list[tuple[Path, int]] = []
     for index, folder in enumerate(classes or [root]):
         files += [(f, index) for f in sorted(folder.iterdir()) if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
-    arrays = []
+    arrays, values = [], 0
     for file, _ in files:
         try:
             with Image.open(file) as image:
@@ -161,6 +163,11 @@ def _read_images(dataset: DatasetConfig, key: str) -> Samples:
                 if dataset.image_size:
                     height, width = dataset.image_size
                     image = image.resize((width, height), Image.BILINEAR)
+                values += image.width * image.height * 3
+                if values > MAX_FOLDER_VALUES:
+                    raise InputError(f"the folder's {len(files):,} images hold over {MAX_FOLDER_VALUES:,} values (1 GiB "
+                                     "as float32): use fewer or smaller images (image_size)", file=str(root),
+                                     key=f"{key}.path")
                 arrays.append(np.asarray(image, dtype=np.float32) * dataset.scale)
         except (OSError, Image.DecompressionBombError) as exc:
             raise InputError(f"cannot read image: {exc}", file=str(file), key=key) from None

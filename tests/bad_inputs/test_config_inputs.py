@@ -139,3 +139,19 @@ def test_metadata_numbers_are_checked_when_the_config_loads(tiny_project, field,
     line = fails_cleanly(tiny_project, stage("quantize", "digits-float"), EXIT_CONFIG, "params.yaml",
                          f"model.digits.metadata.inputs[0].{field}")
     assert words in line
+
+
+def test_a_conf_file_cannot_silently_override_another_teams_key(tiny_project):
+    """Hydra merges conf files in order, so a team's model file could loosen the shared gate set
+    every other team's models use. Each key has one owner: compose refuses, naming both files."""
+    (tiny_project / "conf/model/team_b.yaml").write_text(
+        "# @package _global_\nvalidation:\n  classifier:\n    max_accuracy_drop: 1.0\n")
+    line = fails_cleanly(tiny_project, COMPOSE, EXIT_CONFIG, "conf/model/team_b.yaml",
+                         "validation.classifier.max_accuracy_drop")
+    assert "also set by conf/validation/classifier.yaml" in line
+
+
+def test_resolvers_cannot_copy_the_environment_into_the_config(tiny_project):
+    edit(tiny_project / "conf/model/digits.yaml", "    team: vision\n", "    team: vision\n    registry_name: ${oc.env:HOME}\n")
+    line = fails_cleanly(tiny_project, COMPOSE, EXIT_CONFIG, "conf/model/digits.yaml", "model.digits.registry_name")
+    assert "resolvers" in line

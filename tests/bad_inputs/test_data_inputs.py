@@ -147,3 +147,22 @@ def test_evaluation_samples_copied_from_the_calibration_file_are_refused(tiny_pr
     line = fails_cleanly(tiny_project, stage("representative", "digits"), EXIT_INPUT, "tiny/evaluation.npz",
                          "model.digits.evaluation.dataset")
     assert "20 of the 20 evaluation samples are also in the calibration data" in line
+
+
+def test_an_image_whose_header_claims_too_many_pixels_is_refused_unread(tiny_project):
+    """A 70-byte PNG declaring 10000 x 10000 pixels: refused from its header, naming the file."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    folder = tiny_project / "tiny/images"
+    folder.mkdir()
+    Image.new("L", (1, 1)).save(folder / "bomb.png")
+    data = bytearray((folder / "bomb.png").read_bytes())
+    struct.pack_into(">II", data, 16, 10_000, 10_000)  # IHDR width, height
+    struct.pack_into(">I", data, 29, zlib.crc32(bytes(data[12:29])))  # IHDR's CRC
+    (folder / "bomb.png").write_bytes(bytes(data))
+    set_params(tiny_project, {DATASET: {"type": "images", "path": "tiny/images", "image_size": [8, 8]}})
+    line = fails_cleanly(tiny_project, stage("data", "digits_calibration"), EXIT_INPUT, "tiny/images/bomb.png", DATASET)
+    assert "10000x10000 pixels is over the limit" in line
