@@ -4,7 +4,7 @@ PYTHON ?= python3.11
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install run test test-unit test-full bench clean
+.PHONY: install run run-all test test-unit test-full bench clean
 # vega for `dvc plots show --html-template plots/offline.html` (DVC's own page loads it from a CDN).
 PLOTS_JS := .plots/node_modules/vega-embed/build/vega-embed.min.js
 
@@ -27,8 +27,14 @@ $(PLOTS_JS):
 
 install: $(VENV)/.installed $(PLOTS_JS)
 
-run: install  ## build the example models, compose conf/ and `dvc repro` (MLflow: ./mlflow.db)
+# Every bundled example; `make run` builds conf/config.yaml's default selection (digits).
+ALL_MODELS := digits,digits_keras,digits_h5,digits_concrete,digits_jax,mobilenet_v2,text_classifier,digits_multitask,digits_lstm
+
+run: install  ## build the digits example, compose conf/ and `dvc repro` (MLflow: ./mlflow.db)
 	$(BIN)/litert-pipeline run
+
+run-all: install  ## the same for every bundled example (about 30 minutes on 2 cores)
+	$(BIN)/litert-pipeline run 'model=[$(ALL_MODELS)]'
 
 test: install  ## unit tests and the end-to-end `dvc repro` test (not the slow MobileNetV2 ones)
 	$(BIN)/python -m pytest -m "not slow"

@@ -27,6 +27,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     with repro.ended_on_failure(invocation):
         code = repro.reproduce(*args.targets, verbose=args.verbose)
     repro.finish(invocation, succeeded=code == 0)  # with the report stages' comparison of the variants
+    print(repro.summary(invocation.cfg))
     return code
 
 

@@ -61,14 +61,12 @@ def provenance(build: Build, *, convert_info: dict, quantize_info: dict, git_com
     }
 
 
-def metadata_spec(build: Build, quantized: bytes, input_ranges: dict[str, dict[str, list[float]]]
-                  ) -> tuple[ModelSpec, dict[str, bytes]]:
+def metadata_spec(build: Build, quantized: bytes) -> tuple[ModelSpec, dict[str, bytes]]:
     """The metadata spec and the files it packs (label files, by their base name).
 
     Metadata lists tensors in the model's own order. A model with several inputs (outputs)
     names each entry after the signature input (output) it describes, in any order; a model
-    with one keeps a free display name. `input_ranges` (the evaluation report's) are the
-    ranges the model was validated on, which an image input's normalization must produce.
+    with one keeps a free display name.
     """
     model = build.model
     files: dict[str, bytes] = {}
@@ -90,14 +88,6 @@ def metadata_spec(build: Build, quantized: bytes, input_ranges: dict[str, dict[s
         order = served.input_order if role == "inputs" else served.output_order
         ordered = _in_model_order(list(configured), tensors, order, key)
         entries[role] = tuple(tensor(entry, f"{key}[{index}]") for index, entry in ordered)
-        if role == "inputs":
-            by_name = {t.name: t for t in tensors}
-            for (index, entry), name in zip(ordered, order):
-                # A model without signatures names its one input after the tensor, not the source.
-                validated = input_ranges.get(name) or (next(iter(input_ranges.values()))
-                                                       if len(tensors) == len(input_ranges) == 1 else None)
-                if validated and by_name[name].dtype == "float32":
-                    check_normalization(entry, validated, f"{key}[{index}]")
     spec = ModelSpec(
         name=model.name,
         description=meta.description,
@@ -119,6 +109,22 @@ RANGE_TOLERANCE = 0.02
 MIN_RANGE_SPAN = 0.8
 # What a fix usually is: [0, 1], [-1, 1], raw [0, 255], [-0.5, 0.5].
 COMMON_NORMALIZATIONS = ((0.0, 255.0), (127.5, 127.5), (0.0, 1.0), (127.5, 255.0))
+
+
+def check_input_normalization(build: Build, quantized: bytes, input_ranges: dict[str, dict[str, list[float]]]) -> None:
+    """Each float image input's normalization against `input_ranges`, the evaluation report's
+    ranges the model was validated on (see `check_normalization`)."""
+    model = build.model
+    served = signature(quantized, served_signature(model.config.source))
+    key = model.key("metadata", "inputs")
+    ordered = _in_model_order(list(model.config.metadata.inputs), served.inputs, served.input_order, key)
+    by_name = {t.name: t for t in served.inputs}
+    for (index, entry), name in zip(ordered, served.input_order):
+        # A model without signatures names its one input after the tensor, not the source.
+        validated = input_ranges.get(name) or (next(iter(input_ranges.values()))
+                                               if len(served.inputs) == len(input_ranges) == 1 else None)
+        if validated and by_name[name].dtype == "float32":
+            check_normalization(entry, validated, f"{key}[{index}]")
 
 
 def check_normalization(entry: Any, validated: dict[str, list[float]], key: str) -> None:
@@ -203,8 +209,8 @@ def _config_key(key: str, spec: ModelSpec, build: Build) -> str:
 def deliver(build: Build, quantized: bytes, record: dict, *, input_ranges: dict[str, dict[str, list[float]]]
             ) -> bytes:
     """The deliverable: `quantized` with metadata, labels and `record` as provenance.json;
-    `input_ranges` are the evaluation report's (see `metadata_spec`)."""
-    spec, files = metadata_spec(build, quantized, input_ranges)
+    `input_ranges` are the evaluation report's (see `check_input_normalization`)."""
+    spec, files = metadata_spec(build, quantized)
     files[PROVENANCE_FILE] = (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
     try:
         check_spec(quantized, spec, files)
@@ -213,4 +219,5 @@ def deliver(build: Build, quantized: bytes, record: dict, *, input_ranges: dict[
         # the model's order: name the entry where the config has it.
         key = build.model.key(_config_key(exc.key, spec, build))
         raise ConfigError(exc.message, file=exc.file or PARAMS_FILE, key=key) from None
+    check_input_normalization(build, quantized, input_ranges)  # once the values fit the tensors
     return attach_metadata(quantized, spec, files)

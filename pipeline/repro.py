@@ -129,6 +129,30 @@ def finish(invocation: Invocation, *, succeeded: bool, metrics: dict[str, float]
                             artifacts=attached)
 
 
+def summary(cfg: PipelineConfig) -> str:
+    """What a run leaves, for a person: each build's verdict, size and file, where the reports
+    and the MLflow UI are."""
+    rows, passed = [], 0
+    builds = [(b.model, b.variant) for b in cfg.build.values()] + [(m, layout.AUTO_VARIANT) for m in cfg.autoselect]
+    for model, variant in builds:
+        paths = layout.BuildPaths.of(model, variant)
+        try:
+            report = json.loads(paths.validation_json.read_text(encoding="utf-8"))
+            verdict = ("passed" + (" (unverified)" if report.get("verification") == "unverified" else "")
+                       if report.get("passed") else "failed")
+        except (OSError, ValueError):
+            verdict = "not built"
+        passed += verdict.startswith("passed")
+        size = f"{paths.delivered.stat().st_size / 1024:,.1f} KB" if paths.delivered.is_file() else "-"
+        rows.append(f"  {model + '-' + variant:<36} {verdict:<20} {size:>11}  {paths.delivered}")
+    uri = tracking.tracking_uri(cfg.tracking) if cfg.tracking.enabled else None
+    ui = (f"{BIN / 'mlflow'} ui --backend-store-uri {uri}" if uri and uri.startswith("sqlite:")
+          else tracking.shown(uri) if uri else "tracking is off")
+    return "\n".join([f"builds: {passed} of {len(builds)} passed", *rows,
+                      f"reports: {layout.REPORTS}/<model>/<variant>/validation.md, {layout.COMPARISON}/<model>/report.md",
+                      f"MLflow: {ui}"])
+
+
 def _env() -> dict[str, str]:
     # DVC runs from this interpreter's environment, so stages use the same Python.
     return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}

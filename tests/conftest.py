@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,6 +21,18 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Comple
     """Run a command with this interpreter's environment first on PATH."""
     full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
     return subprocess.run(list(args), cwd=cwd, env=full_env, capture_output=True, text=True)
+
+
+@functools.lru_cache(maxsize=1)
+def all_examples_params() -> dict:
+    """params.yaml as `make run-all` composes it (every bundled example; the committed one holds
+    the default selection only)."""
+    import yaml
+
+    from pipeline import config
+
+    models = re.search(r"^ALL_MODELS := (.+)$", (ROOT / "Makefile").read_text(), re.MULTILINE).group(1).strip()
+    return yaml.safe_load(config.compose([f"model=[{models}]"], conf_dir=ROOT / "conf"))
 
 
 # What `make run` leaves beside the sources: a copy must not inherit the run's lock.

@@ -8,7 +8,7 @@ import pytest
 
 from pipeline import config
 from pipeline.errors import ConfigError, InputError
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, all_examples_params, run_cli
 
 
 def test_committed_params_equal_a_fresh_composition():
@@ -117,9 +117,10 @@ def test_cli_help_does_not_import_tensorflow():
 # --- named tensors, converter options, labels and overlap ---------------------------------------
 
 def _params() -> dict:
-    import yaml
+    """Every bundled example's config (a fresh copy)."""
+    import copy
 
-    return yaml.safe_load((ROOT / "params.yaml").read_text())
+    return copy.deepcopy(all_examples_params())
 
 
 def _refused(params: dict) -> ConfigError:

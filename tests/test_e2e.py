@@ -77,6 +77,14 @@ def test_run_is_quiet_by_default(repro):
     assert "absl" not in output and "XNNPACK" not in output and "experimental_preserve_all_tensors" not in output
 
 
+def test_run_ends_with_a_summary_of_the_builds(repro):
+    output = (repro / "run.log").read_text()
+    builds = _builds(repro)
+    assert f"builds: {len(builds) + 1} of {len(builds) + 1} passed" in output  # and the auto-selected one
+    assert "digits-static_wi8_ai8" in output and "models/digits/static_wi8_ai8.tflite" in output
+    assert "mlflow ui --backend-store-uri sqlite:///" in output
+
+
 def test_every_delivered_buffer_is_16_byte_aligned(repro):
     from pipeline.metadata.tflite import misaligned_buffers
 

@@ -1,0 +1,52 @@
+"""Time a new user's first `make run`: a fresh clone of this checkout, after installation.
+
+    .venv/bin/python bench/first_run.py            # 1 run; --runs N for a median
+
+The clone reuses this interpreter's environment (the install is excluded, as the 5-minute
+goal states) and runs `litert-pipeline run` with the embedded defaults: the default example
+selection, the local MLflow store. Results go to bench/first_run.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def first_run(folder: Path) -> dict:
+    project = folder / "clone"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(project)], check=True)
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "MLFLOW_TRACKING_URI": ""}
+    start = time.perf_counter()
+    result = subprocess.run([str(BIN / "litert-pipeline"), "run"], cwd=project, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    summary = next((line for line in result.stdout.splitlines() if line.startswith("builds:")), "")
+    return {"seconds": round(seconds, 1), "exit_code": result.returncode, "summary": summary}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=1)
+    runs = []
+    for _ in range(parser.parse_args().runs):
+        with tempfile.TemporaryDirectory(prefix="litert-first-run-") as folder:
+            runs.append(first_run(Path(folder)))
+            print(runs[-1], flush=True)
+    result = {"runs": runs, "median_seconds": statistics.median(r["seconds"] for r in runs), "cores": os.cpu_count(),
+              "goal_seconds": 300}
+    (ROOT / "bench" / "first_run.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
