@@ -296,3 +296,23 @@ def test_static_calibration_covers_every_samples_range(tmp_path):
     (got,) = runner(features=features[100:]).values()
     noise = np.sum((got - expected[100:]) ** 2)
     assert 10 * np.log10(np.sum(expected[100:] ** 2) / noise) > 25  # dB: 31.7 here; the moving average gave 0.1
+
+
+def test_float16_through_the_quantizer_matches_the_converters(float_model, samples, make_converter):
+    """LiteRT Quantizer's float casting gives float16 weights without TensorFlow: no larger
+    than the converter's float16 and as close to the float model."""
+    from tests.conftest import ROOT
+
+    recipe = str(ROOT / "conf/recipes/weight_only_wf16_afp32.json")
+    cast = quantize(float_model, QuantizationConfig(backend=Backend.litert_quantizer, recipe=recipe), samples=None,
+                    make_converter=None, key=KEY).model
+    converted = quantize(float_model, converter("float16"), samples=None, make_converter=make_converter, key=KEY).model
+    x = samples.inputs["image"][:16]
+    reference = np.concatenate([run(float_model, x[i:i + 1])[0] for i in range(16)])
+
+    def snr_db(model: bytes) -> float:
+        output = np.concatenate([run(model, x[i:i + 1])[0] for i in range(16)])
+        return float(10 * np.log10(np.sum(reference ** 2) / max(np.sum((output - reference) ** 2), 1e-30)))
+
+    assert len(cast) <= len(converted) < len(float_model)
+    assert snr_db(cast) >= snr_db(converted) - 1.0 and snr_db(cast) > 60
