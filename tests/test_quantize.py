@@ -298,6 +298,43 @@ def test_static_calibration_covers_every_samples_range(tmp_path):
     assert 10 * np.log10(np.sum(expected[100:] ** 2) / noise) > 25  # dB: 31.7 here; the moving average gave 0.1
 
 
+ALGORITHM_RECIPE = """[{{"regex": ".*", "operation": "*", "algorithm_key": "{algorithm}", "op_config": {{
+  "weight_tensor_config": {{"num_bits": 8, "symmetric": true, "granularity": "CHANNELWISE", "dtype": "INT"}},
+  "activation_tensor_config": {{"num_bits": 8, "symmetric": false, "granularity": "TENSORWISE", "dtype": "INT"}},
+  "compute_precision": "INTEGER", "explicit_dequantize": false}}}}]"""
+
+
+@pytest.fixture(scope="module")
+def regression(tmp_path_factory):
+    """A scalar regression head (features ~ N(0, 3)): its float model, inputs and outputs."""
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4,), name="features")
+    model = keras.Model(inputs, keras.layers.Dense(1, name="score")(keras.layers.Dense(8, activation="relu")(inputs)))
+    folder = tmp_path_factory.mktemp("regression") / "sm"
+    model.export(str(folder), verbose=False)
+    features = np.random.default_rng(0).normal(scale=3.0, size=(128, 4)).astype(np.float32)
+    return tf.lite.TFLiteConverter.from_saved_model(str(folder)).convert(), features, model.predict(features, verbose=0)
+
+
+@pytest.mark.parametrize("algorithm", ["min_max_uniform_quantize", "MSE", "OCTAV", "GPTQ"])
+def test_every_calibrating_algorithm_sees_the_full_range(algorithm, regression, tmp_path):
+    """The quantizer's moving average is every algorithm's default, not min/max's alone: on this
+    head each of min/max, MSE, OCTAV and GPTQ static gave 0.1 dB with it, and 31.5-31.7 dB with
+    the full range every recipe now calibrates on."""
+    float_model, features, expected = regression
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(ALGORITHM_RECIPE.format(algorithm=algorithm))
+    variant = QuantizationConfig(backend=Backend.litert_quantizer, recipe=str(recipe))
+    static = quantize(float_model, variant, samples=Samples({"features": features[:100]}), make_converter=None,
+                      key=KEY).model
+    (got,) = Interpreter(model_content=static).get_signature_runner()(features=features[100:]).values()
+    snr = 10 * np.log10(np.sum(expected[100:] ** 2) / np.sum((got - expected[100:]) ** 2))
+    assert snr > 25, f"{algorithm}: {snr:.1f} dB"
+
+
 def test_float16_through_the_quantizer_matches_the_converters(float_model, samples, make_converter):
     """LiteRT Quantizer's float casting gives float16 weights without TensorFlow: no larger
     than the converter's float16 and as close to the float model."""

@@ -177,14 +177,13 @@ def _run_calibration(float_model: bytes, samples: Samples, recipe: Recipe, *, ke
     accumulating min/max per tensor."""
     signatures = _signatures_fed(float_model, samples, key=key)
     # The quantizer's default keeps an exponential moving average (0.95) of each sample's
-    # min/max: after a few dozen samples a range is the recent samples' typical one, not the
-    # calibration set's (a regression output collapses to one value). Min/max recipes get the
-    # range of every sample, as TFLiteConverter calibrates; other algorithms keep their own.
+    # min/max, for every algorithm: after a few dozen samples a range is the recent samples'
+    # typical one, not the calibration set's (a regression output collapses to one value).
+    # Every recipe gets the range of every sample, as TFLiteConverter calibrates; the
+    # algorithms' own statistics (GPTQ's Hessian, OSCAR's moments) merge as they define.
     manager = _recipe_manager(recipe)
-    update = running_min_max if _calibrating_algorithms(recipe) == {MIN_MAX} else None
     try:
-        model_calibrator = (calibrator.Calibrator(float_model, qsv_update_func=update) if update
-                            else calibrator.Calibrator(float_model))
+        model_calibrator = calibrator.Calibrator(float_model, qsv_update_func=full_range_update)
         for index in tqdm(range(len(samples)), desc="calibrating", unit="sample"):
             model_calibrator.calibrate({signature: [samples.sample(index)] for signature in signatures}, manager)
     except Exception as exc:  # interpreter errors (shape mismatch...) come as RuntimeError/ValueError
@@ -192,11 +191,21 @@ def _run_calibration(float_model: bytes, samples: Samples, recipe: Recipe, *, ke
     return model_calibrator.get_model_qsvs()
 
 
-def running_min_max(qsv: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """Calibration statistics over every sample so far: the smallest min, the largest max."""
+def full_range_update(qsv: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """Calibration statistics over every sample so far: the smallest min and the largest max,
+    with the statistics of the algorithms that keep more (GPTQ's Hessian, OSCAR's moments)
+    merged by the quantizer's own rules (a custom update replaces the per-algorithm ones)."""
+    from litert_quantizer.utils import qsv_utils
+
     if not qsv:
         return new
-    return {**qsv, "min": np.minimum(qsv["min"], new["min"]), "max": np.maximum(qsv["max"], new["max"])}
+    if "hessian" in qsv:
+        merged = qsv_utils.gptq_and_moving_average_update(qsv, new)
+    elif "mu2" in qsv:
+        merged = qsv_utils.oscar_and_moving_average_update(qsv, new)
+    else:
+        merged = dict(qsv)
+    return {**merged, "min": np.minimum(qsv["min"], new["min"]), "max": np.maximum(qsv["max"], new["max"])}
 
 
 def _signatures_fed(float_model: bytes, samples: Samples, *, key: str) -> list[str]:
