@@ -7,6 +7,7 @@ range then swamps the other units, so only keeping those layers in float recover
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -76,6 +77,7 @@ def project(tmp_path_factory):
     cfg = replace(base, model={"outlier": model}, build={}, dataset=datasets_used,
                   autoselect={"outlier": AutoSelectConfig(max_accuracy_drop=BUDGET)})
 
+    shutil.copytree(ROOT / "conf" / "recipes", folder / "conf" / "recipes")  # JSON recipes a variant names
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(folder)
         inputs, labels = _digits()

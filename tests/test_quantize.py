@@ -353,3 +353,11 @@ def test_float16_through_the_quantizer_matches_the_converters(float_model, sampl
 
     assert len(cast) <= len(converted) < len(float_model)
     assert snr_db(cast) >= snr_db(converted) - 1.0 and snr_db(cast) > 60
+
+
+def test_the_recipe_check_knows_the_installed_quantizers_algorithms():
+    from litert_quantizer.algorithm_manager import AlgorithmName
+
+    from pipeline.config import QUANTIZER_ALGORITHMS
+
+    assert sorted(QUANTIZER_ALGORITHMS) == sorted(a.value for a in AlgorithmName)

@@ -52,13 +52,17 @@ def test_missing_upstream_artifact(tiny_project):
         ('[{"regex": ', "malformed JSON"),
         ('{"regex": ".*"}', "non-empty JSON list"),
         ('[{"regex": ".*", "operation": "FULLY_CONNECTED"}]', "invalid recipe"),
+        ('[{"regex": ".*", "operation": "*", "algorithm_key": "SECRET_SAUCE", "op_config": {}}]', "unknown algorithm"),
+        ('[{"regex": "(", "operation": "*", "algorithm_key": "MSE", "op_config": {}}]', "regex"),
     ],
-    ids=["malformed_json", "not_a_list", "invalid_entry"],
+    ids=["malformed_json", "not_a_list", "invalid_entry", "unknown_algorithm", "bad_regex"],
 )
 def test_invalid_custom_recipe(tiny_project, content, words):
+    """Refused when the config loads: by every stage, before any work (here the data stage,
+    which does not quantize)."""
     (tiny_project / "conf/recipes/recipe.json").write_text(content)
     set_params(tiny_project, {"quantization.dynamic_wi8_afp32.recipe": "conf/recipes/recipe.json"})
-    line = fails_cleanly(tiny_project, stage("quantize", "digits-dynamic_wi8_afp32"), EXIT_CONFIG,
+    line = fails_cleanly(tiny_project, stage("data", "digits_calibration"), EXIT_CONFIG,
                          "conf/recipes/recipe.json", "quantization.dynamic_wi8_afp32.recipe")
     assert words in line
 
