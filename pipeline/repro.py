@@ -201,8 +201,8 @@ def dvc(*args: str, env: dict[str, str] | None = None, verbose: bool = True) -> 
             os.close(stderr)  # the child holds its own copy: the forwarder ends when the child does
     try:
         code = process.wait()
-        if forwarder is not None:
-            forwarder.join()
+        if forwarder is not None:  # bounded: a background process DVC started may hold the pipe open
+            forwarder.join(timeout=10)
         return code
     except KeyboardInterrupt:
         process.send_signal(signal.SIGINT)

@@ -427,7 +427,8 @@ def _logged_model(client: Any, run_id: str, registration: Registration) -> Any:
         for batch in _chunks(metrics):
             client.log_batch(run_id, metrics=batch)
     except BaseException:
-        client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+        with contextlib.suppress(Exception):  # the first failure is the one to report
+            client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
         raise
     return client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
 
