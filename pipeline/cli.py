@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from pipeline import __version__
@@ -188,12 +189,18 @@ LOCKED = {"compose", "run", "nightly", "sweep", "sync"}
 @exit_on_error
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    if args.command not in LOCKED:
-        sys.exit(args.func(args))
-    from pipeline.repro import project_lock
+    try:
+        if args.command not in LOCKED:
+            code = args.func(args)
+        else:
+            from pipeline.repro import project_lock
 
-    with project_lock(args.command):
-        code = args.func(args)
+            with project_lock(args.command):
+                code = args.func(args)
+        sys.stdout.flush()  # here, not at exit, so a closed pipe is handled below
+    except BrokenPipeError:  # `litert-pipeline inspect … | head`: the reader had enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = EXIT_OK
     sys.exit(code)
 
 

@@ -967,6 +967,8 @@ def compose(overrides: list[str] | None = None, conf_dir: str | Path = CONF_DIR)
     try:
         typed = validate(cfg, file="params.yaml")
     except ConfigError as exc:
+        if _overridden(overrides or [], exc.key):
+            raise ConfigError(exc.message, file="command line", key=exc.key) from None
         exc.file = _conf_file_defining(conf_path, exc.key) or str(Path(conf_dir) / f"{CONFIG_NAME}.yaml")
         raise ConfigError(exc.message, file=_relative(exc.file), key=exc.key) from None
     # Every schema field is written out, defaults included: DVC's params dependencies need each
@@ -1021,6 +1023,15 @@ def _walk(node: Any, key: str) -> tuple[Any, str, int]:
 def value_at(data: Any, key: str) -> Any:
     node, remaining, _ = _walk(data, key)
     return _UNSET if remaining else node
+
+
+def _overridden(overrides: list[str], key: str | None) -> bool:
+    """Whether a command-line override (`a.b=1`, `+a.b=1`, `++a.b=1`) set `key` or a part of it."""
+    for override in overrides:
+        name = override.split("=", 1)[0].lstrip("+~")
+        if key and (key == name or key.startswith((f"{name}.", f"{name}["))):
+            return True
+    return False
 
 
 # Folders of conf/ that are not composed into params.yaml: Hydra's own settings and sweeps.

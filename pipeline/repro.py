@@ -25,7 +25,7 @@ from pipeline import config, layout, tracking
 from pipeline.config import PipelineConfig
 from pipeline.errors import (EXIT_INTERNAL, EXIT_OK, OUTCOMES_ENV, BusyError, InputError, OutputError, TrackingError,
                              most_severe)
-from pipeline.io import write_text
+from pipeline.io import sha256_path, write_text
 
 BIN = Path(sys.executable).parent
 # Held by each invocation that writes params.yaml or runs the stages (flock: a killed holder
@@ -138,10 +138,16 @@ def summary(cfg: PipelineConfig) -> str:
         paths = layout.BuildPaths.of(model, variant)
         try:
             report = json.loads(paths.validation_json.read_text(encoding="utf-8"))
-            verdict = ("passed" + (" (unverified)" if report.get("verification") == "unverified" else "")
-                       if report.get("passed") else "failed")
-        except (OSError, ValueError):
-            verdict = "not built"
+            delivered = sha256_path(paths.delivered)
+        except (OSError, ValueError, InputError):
+            verdict = "not built"  # this run's stages failed before delivering (or validating) it
+        else:
+            if report.get("model_sha256") != delivered:  # a report of an earlier run's model
+                verdict = "not validated"
+            elif report.get("passed"):
+                verdict = "passed" + (" (unverified)" if report.get("verification") == "unverified" else "")
+            else:
+                verdict = "failed"
         passed += verdict.startswith("passed")
         size = f"{paths.delivered.stat().st_size / 1024:,.1f} KB" if paths.delivered.is_file() else "-"
         rows.append(f"  {model + '-' + variant:<36} {verdict:<20} {size:>11}  {paths.delivered}")

@@ -296,3 +296,9 @@ def test_every_number_of_the_examples_is_range_checked():
 def test_every_ranged_field_exists_in_the_schema():
     for (kind, name), (low, high) in config.RANGES.items():
         assert name in kind.__dataclass_fields__ and low < high
+
+
+def test_a_bad_value_from_the_command_line_is_not_blamed_on_a_conf_file():
+    with pytest.raises(ConfigError) as caught:
+        config.compose(["validation.classifier.max_accuracy_drop=nan"], conf_dir=ROOT / "conf")
+    assert caught.value.file == "command line" and caught.value.key == "validation.classifier.max_accuracy_drop"
