@@ -12,12 +12,12 @@ $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (set PYTHON=...)" >&2; exit 2; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[jax,test]'
+	$(BIN)/python -m pip install -q -e '.[jax,test,clients]'
 	$(BIN)/python -m pip check
 	touch $@
 
 $(VENV)/.installed-ray: $(VENV)/.installed  ## the `ray` extra: sweep members on Ray
-	$(BIN)/python -m pip install -q -e '.[jax,test,ray]'
+	$(BIN)/python -m pip install -q -e '.[jax,test,clients,ray]'
 	$(BIN)/python -m pip check
 	touch $@
 

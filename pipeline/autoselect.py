@@ -134,6 +134,7 @@ class _Search:
             allow_custom_ops=config.conversion.allow_custom_ops,
             signature_key=served_signature(config.source),
             name=self.model.name,
+            metadata=config.metadata,
         )
         context = {"build": f"{self.model.name}-{AUTO_VARIANT}", "variant": AUTO_VARIANT,
                    "selected_variant": candidate.name,

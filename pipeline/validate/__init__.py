@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.build import Build
-from pipeline.config import RuntimeConfig, ValidationConfig
+from pipeline.config import MetadataConfig, RuntimeConfig, ValidationConfig
 from pipeline.datasets import Samples
 from pipeline.errors import ConfigError, InputError, first_line
 from pipeline.evaluate import accuracies, load_reference
@@ -27,6 +27,7 @@ from pipeline.validate.layers import MAX_SAMPLES as LAYER_SAMPLES
 from pipeline.validate.layers import LayerError, layer_errors, to_csv
 from pipeline.validate.metrics import GATED_METRICS, check_gates, compare, match_outputs
 from pipeline.validate.report import to_markdown
+from pipeline.validate.clients import image_classifier_check
 from pipeline.validate.runner import latency_ms, run_samples
 from pipeline.validate.runtime import check_runtime, is_version
 
@@ -67,6 +68,7 @@ def validate(
     allow_custom_ops: bool = False,
     signature_key: str | None = "serving_default",
     name: str = "model",
+    metadata: MetadataConfig | None = None,
 ) -> Validation:
     """Measure `model` on the evaluation `samples` against the source's `reference` outputs.
 
@@ -88,6 +90,7 @@ def validate(
     run_report: dict[str, Any] = {"num_threads": runtime.num_threads}
     flex = select_tf_ops(model)
     unverifiable = None
+    clients: list[dict[str, Any]] = []
     if flex:
         unverifiable = (f"select TF ops {', '.join(flex)} need the Flex delegate, which neither ai-edge-litert nor "
                         "TensorFlow's pip wheel ships: not executable on this host")
@@ -125,6 +128,8 @@ def validate(
             metrics["latency_median_ms"], metrics["latency_p90_ms"] = latency.median_ms, latency.p90_ms
             run_report.update(outputs_api="Interpreter", latency_api=latency.api,
                               **({"latency_fallback": latency.fallback_reason} if latency.fallback_reason else {}))
+            if metadata is not None:  # does a real client read the metadata as meant?
+                clients.append(image_classifier_check(model, run.runner, samples.inputs, metadata, len(run.outputs)))
 
     if unverifiable:
         rows, reason = [], unverifiable
@@ -132,6 +137,9 @@ def validate(
         rows, reason = layer_errors(float_model, model, samples, num_threads=runtime.num_threads)
     gate_results = check_gates(metrics, gates, unmeasured=unmeasured, unverifiable=unverifiable)
     failures = [g["message"] for g in gate_results if not g["passed"]] + runtime_report["violations"]
+    failures += [f"{c['client']} disagrees with the pipeline's top-1 on {1 - c['top1_agreement']:.0%} of "
+                 f"{c['samples']} raw images: the metadata's normalization misleads it"
+                 for c in clients if c["status"] == "failed"]
     report = {
         "model": name,
         "model_sha256": hashlib.sha256(model).hexdigest(),
@@ -143,6 +151,7 @@ def validate(
         "gates": gate_results,
         "run": run_report,
         "runtime": runtime_report,
+        "clients": clients,
         "layer_errors": {
             "reason": reason,
             "num_samples": 0 if reason else min(len(samples), LAYER_SAMPLES),
@@ -212,6 +221,7 @@ def validate_build(build: Build, model_path: str | Path) -> Validation:
         allow_custom_ops=model.config.conversion.allow_custom_ops,
         signature_key=served_signature(model.config.source),
         name=model.name,
+        metadata=model.config.metadata,
     )
     context = {"build": build.name, "variant": build.variant_name, "model_path": str(model_path)}
     return replace(result, report={**context, **result.report})

@@ -1,0 +1,79 @@
+"""Whether a real client reads the delivered metadata as the pipeline means it.
+
+MediaPipe's ImageClassifier feeds a classifier 8-bit RGB pixels, normalized by the model's
+TFLITE_METADATA (`(pixel - mean) / std`). The check gives it raw pixels made from the
+evaluation samples and requires its top-1 class to be the pipeline's own on the same pixels,
+normalized as the config says. Optional: without MediaPipe (the `clients` extra) the check is
+skipped, with the reason, as it is for models the client cannot take.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.validate.runner import ModelRunner
+
+CLIENT_SAMPLES = 16
+
+
+def image_classifier_check(model: bytes, runner: ModelRunner, inputs: dict[str, np.ndarray], metadata: Any,
+                           num_outputs: int) -> dict[str, Any]:
+    """MediaPipe ImageClassifier's top-1 against the pipeline's on raw 8-bit versions of the
+    first evaluation samples: {"status": "passed"|"failed"|"skipped", ...}."""
+    reason = _cannot_take(runner, metadata, num_outputs)
+    if reason:
+        return {"client": "mediapipe ImageClassifier", "status": "skipped", "reason": reason}
+    try:
+        import mediapipe
+        from mediapipe.tasks.python import BaseOptions
+        from mediapipe.tasks.python.vision import ImageClassifier, ImageClassifierOptions
+    except ImportError:
+        return {"client": "mediapipe ImageClassifier", "status": "skipped",
+                "reason": "MediaPipe is not installed (pip install '.[clients]')"}
+    entry = metadata.inputs[0]
+    mean = np.asarray(entry.mean or [0.0], np.float32)
+    std = np.asarray(entry.std or [1.0], np.float32)
+    (name, values), = inputs.items()
+    raw = np.clip(np.round(values[:CLIENT_SAMPLES] * std + mean), 0, 255).astype(np.uint8)
+    ours = [int(np.argmax(next(iter(runner({name: ((pixels[None].astype(np.float32) - mean) / std)}).values()))))
+            for pixels in raw]
+    with tempfile.TemporaryDirectory(prefix="litert-client-") as folder:
+        path = Path(folder) / "model.tflite"
+        path.write_bytes(model)
+        options = ImageClassifierOptions(base_options=BaseOptions(model_asset_path=str(path)), max_results=1)
+        classifier = ImageClassifier.create_from_options(options)
+        try:
+            theirs = [classifier.classify(mediapipe.Image(image_format=mediapipe.ImageFormat.SRGB,
+                                                          data=np.ascontiguousarray(pixels)))
+                      .classifications[0].categories[0].index for pixels in raw]
+        finally:
+            classifier.close()
+    agree = sum(a == b for a, b in zip(ours, theirs))
+    return {"client": f"mediapipe ImageClassifier {_version('mediapipe')}", "status": "passed" if agree == len(raw)
+            else "failed", "samples": len(raw), "top1_agreement": agree / len(raw)}
+
+
+def _cannot_take(runner: ModelRunner, metadata: Any, num_outputs: int) -> str | None:
+    """Why MediaPipe's ImageClassifier cannot take this model, or None."""
+    if len(runner.input_details) != 1 or num_outputs != 1:
+        return "the image classifier takes one image input and one output"
+    if not metadata.inputs or metadata.inputs[0].content.value != "image":
+        return "the input is not described as an image"
+    if metadata.inputs[0].color_space.value != "RGB":
+        return f"{metadata.inputs[0].color_space.value} input: the client feeds RGB images"
+    (detail,) = runner.input_details.values()
+    if np.dtype(detail["dtype"]) != np.float32:
+        return "integer input: the client feeds raw pixels, without the metadata's normalization"
+    return None
+
+
+def _version(package: str) -> str:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "unknown"
