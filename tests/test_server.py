@@ -121,17 +121,19 @@ def test_unreachable_server_fails_in_one_line_or_queues_until_sync(served, mlflo
     assert optional.returncode == 0, optional.stderr[-3000:]
     assert "tracking.required is false" in optional.stderr
     queued = sorted(p.name for p in (served / ".litert" / "pending").iterdir())
-    assert [name.split("-", 2)[2] for name in queued] == [f"validate-digits-{v}" for v in VARIANTS]
+    # The builds' records, then the invocation's own (its comparison, for the run that uploads it).
+    assert [name.split("-", 2)[2] for name in queued] == [f"validate-digits-{v}" for v in VARIANTS] + ["invocation--"]
 
     client = _client(mlflow_server)
     experiment = client.get_experiment_by_name("litert-pipeline").experiment_id
     back = {**ENV, "MLFLOW_TRACKING_URI": mlflow_server}
     synced = run_cli("litert-pipeline", "sync", cwd=served, env=back)
-    assert synced.returncode == 0 and "uploaded 2 queued record(s)" in synced.stdout, synced.stderr[-2000:]
+    assert synced.returncode == 0 and "uploaded 3 queued record(s)" in synced.stdout, synced.stderr[-2000:]
     assert not list((served / ".litert" / "pending").iterdir())
     (sync_run,) = client.search_runs([experiment], "attributes.run_name = 'sync'")
     children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{sync_run.info.run_id}'")
     assert sorted(r.data.tags["litert.variant"] for r in children) == sorted(VARIANTS)
     assert all(r.data.metrics["passed"] == 1.0 for r in children)
+    assert "invocation" in {a.path for a in client.list_artifacts(sync_run.info.run_id)}
     # The offline run rebuilt nothing but reports: the same bytes, so no second version.
     assert sorted(v.tags["litert.variant"] for v in _versions(client)) == sorted(VARIANTS)
