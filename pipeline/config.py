@@ -17,7 +17,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
-from pipeline.errors import ConfigError, InputError, PipelineError
+from pipeline.errors import ConfigError, InputError
 from pipeline.layout import AUTO_VARIANT, EXAMPLES, LABELS, RECIPES
 
 PARAMS_FILE = "params.yaml"
@@ -686,8 +686,6 @@ def _check_references(cfg: PipelineConfig, file: str) -> None:
                 )
             if recipe not in LITERT_RECIPES:
                 _check_inside_project(recipe, file, f"{key}.recipe", under=RECIPES)
-                if Path(recipe).exists():  # a missing file is an input error, found before DVC starts
-                    _check_recipe(recipe, f"{key}.recipe")
         if variant.backend is Backend.converter and variant.mode is None:
             raise ConfigError("the converter backend needs a mode", file=file, key=f"{key}.mode")
     for name, auto in cfg.autoselect.items():
@@ -785,42 +783,33 @@ def _check_overlap(model: ModelConfig, data: dict, key: str, file: str) -> None:
 
 
 # LiteRT Quantizer's algorithm keys (litert_quantizer.algorithm_manager.AlgorithmName; a test
-# holds this list to the installed package), so a recipe is checked without importing it.
+# holds this list to the installed package).
 QUANTIZER_ALGORITHMS = ("no_quantize", "min_max_uniform_quantize", "float_casting", "dequantized_weight_recovery",
                         "OCTAV", "HADAMARD_ROTATION", "DECOMPOSED_HADAMARD_ROTATION", "MSE", "GPTQ", "OSCAR")
 RECIPE_ENTRY_KEYS = {"regex", "operation", "algorithm_key", "op_config"}
 
 
-def _check_recipe(path: str, key: str) -> None:
-    """A JSON recipe's structure, when the config loads: a non-empty list of entries, each
-    naming an op regex, an operation, a known algorithm and its op config (the quantizer's
-    parser checks the op config's fields when the variant is built)."""
-    import json
-
-    from pipeline.io import read_regular_file
-
-    try:
-        entries = json.loads(read_regular_file(path, key=key, what="recipe").decode("utf-8"))
-    except PipelineError as exc:
-        raise ConfigError(exc.message, file=path, key=key) from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"malformed JSON: {exc}", file=path, key=key) from None
+def check_recipe_entries(entries: Any, *, file: str, key: str) -> None:
+    """A JSON recipe's structure: a non-empty list of entries, each naming an op regex, an
+    operation, a known algorithm and its op config (the quantizer's parser then checks the op
+    config's fields). Checked when the variant quantizes, so one team's broken recipe fails its
+    own builds, not the whole run."""
     if not isinstance(entries, list) or not entries or not all(isinstance(entry, dict) for entry in entries):
-        raise ConfigError("a recipe is a non-empty JSON list of op configs", file=path, key=key)
+        raise ConfigError("a recipe is a non-empty JSON list of op configs", file=file, key=key)
     for index, entry in enumerate(entries):
         where = f"{key}[{index}]"
         missing = sorted(RECIPE_ENTRY_KEYS - set(entry))
         if missing:
-            raise ConfigError(f"invalid recipe: the entry has no {missing[0]}", file=path, key=where)
+            raise ConfigError(f"invalid recipe: the entry has no {missing[0]}", file=file, key=where)
         if entry["algorithm_key"] not in QUANTIZER_ALGORITHMS:
             raise ConfigError(f"invalid recipe: unknown algorithm {entry['algorithm_key']!r} (one of "
-                              f"{', '.join(QUANTIZER_ALGORITHMS)})", file=path, key=f"{where}.algorithm_key")
+                              f"{', '.join(QUANTIZER_ALGORITHMS)})", file=file, key=f"{where}.algorithm_key")
         if not isinstance(entry["regex"], str) or not isinstance(entry["op_config"], dict):
-            raise ConfigError("invalid recipe: regex is a string and op_config a mapping", file=path, key=where)
+            raise ConfigError("invalid recipe: regex is a string and op_config a mapping", file=file, key=where)
         try:
             re.compile(entry["regex"])
         except re.error as exc:
-            raise ConfigError(f"invalid recipe: regex: {exc}", file=path, key=f"{where}.regex") from None
+            raise ConfigError(f"invalid recipe: regex: {exc}", file=file, key=f"{where}.regex") from None
 
 
 def _check_tensor_numbers(tensor: TensorMetadataConfig, file: str, key: str) -> None:

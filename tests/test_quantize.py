@@ -216,7 +216,7 @@ def test_malformed_json_recipe_is_a_config_error(tmp_path, float_model, content)
     recipe.write_text(content)
     with pytest.raises(ConfigError) as error:
         quantize(float_model, litert(str(recipe)), samples=None, make_converter=None, key=KEY)
-    assert error.value.file == str(recipe) and error.value.key == f"{KEY}.recipe"
+    assert error.value.file == str(recipe) and error.value.key.startswith(f"{KEY}.recipe")  # or the entry's key
 
 
 def test_missing_recipe_file_is_a_config_error(tmp_path, float_model):

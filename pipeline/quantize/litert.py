@@ -19,7 +19,7 @@ from litert_quantizer import recipe as named_recipes
 from litert_quantizer.quantizer import Quantizer
 from tqdm import tqdm
 
-from pipeline.config import LITERT_RECIPES, Backend, IoType, QuantizationConfig
+from pipeline.config import LITERT_RECIPES, Backend, IoType, QuantizationConfig, check_recipe_entries
 from pipeline.datasets import Samples
 from pipeline.errors import ConfigError, GateError, InputError, first_line
 from pipeline.io import read_regular_file
@@ -42,8 +42,7 @@ def load_recipe(recipe: str, *, key: str) -> Recipe:
         raise ConfigError(exc.message, file=recipe, key=key) from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ConfigError(f"malformed JSON: {exc}", file=recipe, key=key) from None
-    if not isinstance(loaded, list) or not loaded or not all(isinstance(entry, dict) for entry in loaded):
-        raise ConfigError("a recipe is a non-empty JSON list of op configs", file=recipe, key=key)
+    check_recipe_entries(loaded, file=recipe, key=key)
     try:
         _recipe_manager(loaded)
     except Exception as exc:  # the parser raises KeyError, ValueError, TypeError... for bad entries
