@@ -1030,6 +1030,14 @@ NOT_COMPOSED = ("hydra", "sweep")
 RESOLVER = re.compile(r"\$\{\s*[\w.]+\s*:")
 
 
+def _package_prefix(text: str, group: tuple[str, ...]) -> str:
+    """The key a conf file's values go under (its `# @package` header, else its group folder);
+    empty for `_global_`."""
+    header = re.search(r"^#\s*@package\s+(\S+)", text, re.MULTILINE)
+    package = (header.group(1) if header else ".".join(group)).replace("_group_", ".".join(group))
+    return "" if package == "_global_" else package
+
+
 def _check_one_owner_per_key(conf_dir: Path) -> None:
     """Each key is set by one conf file: Hydra would let a later file (another team's) silently
     override an earlier one's value, e.g. loosen its gates. Options of a one-choice group
@@ -1046,9 +1054,7 @@ def _check_one_owner_per_key(conf_dir: Path) -> None:
             continue
         text = read_yaml_text(file)
         group = relative.parts[:-1]
-        header = re.search(r"^#\s*@package\s+(\S+)", text, re.MULTILINE)
-        package = (header.group(1) if header else ".".join(group)).replace("_group_", ".".join(group))
-        prefix = "" if package == "_global_" else package
+        prefix = _package_prefix(text, group)
         try:
             node = yaml.safe_load(text) or {}
         except yaml.YAMLError:
@@ -1099,11 +1105,7 @@ def _conf_file_defining(conf_dir: Path, full_key: str | None, *, with_value: boo
     best: tuple[int, int, str] | None = None
     for file in sorted(conf_dir.rglob("*.yaml")):
         text = file.read_text(encoding="utf-8")
-        group = file.parent.relative_to(conf_dir).parts
-        header = re.search(r"^#\s*@package\s+(\S+)", text, re.MULTILINE)
-        package = header.group(1) if header else ".".join(group)
-        package = package.replace("_group_", ".".join(group))
-        prefix = "" if package == "_global_" else package
+        prefix = _package_prefix(text, file.parent.relative_to(conf_dir).parts)
         if prefix and not (full_key == prefix or full_key.startswith(prefix + ".")):
             continue
         try:
