@@ -1,19 +1,24 @@
-"""Auto-selection: the smallest quantization variant of a model within an accuracy budget.
+"""Auto-selection: the smallest model of a model's quantization space within a budget.
 
-1. Quantize and deliver every candidate variant (`autoselect.<model>.candidates`, by
-   default each litert_quantizer and none variant), and order them by delivered size.
+1. Candidates: every variant in `autoselect.<model>.candidates` (by default every variant in
+   `quantization`, both backends), and every static LiteRT Quantizer variant once more per
+   calibration algorithm in `algorithms`. Each is quantized and delivered, then ordered by
+   delivered size.
 2. Validate them from the smallest, with the model's gates overridden by the budget; a
    candidate passes when every gate does (and the target runtime accepts it).
-3. A static LiteRT Quantizer candidate that misses is retried with its worst layers in
-   float (lowest SNR against the float model, from the validation's per-layer errors of
-   the latest try), `layers_per_step` more per step, up to `max_steps` steps. Each such
-   layer is kept in float with the layers feeding it: a float op that reads a quantized
-   tensor keeps that tensor's error.
+3. Sensitivity, as NNCF ranks layers: for a static LiteRT Quantizer candidate, each layer
+   alone is quantized (every other op in float, the candidate's own calibration) and the
+   budget metric's drop and the output SNR are measured on a bounded subset of the
+   evaluation samples. A candidate that misses is retried with its most sensitive layers in
+   float (largest drop first, then lowest SNR), `layers_per_step` more per step, up to
+   `max_steps` steps. Each such layer is kept in float with the layers feeding it: a float
+   op that reads a quantized tensor keeps that tensor's error. The first static candidate's
+   sensitivity is measured even when nothing misses: the report shows where the error comes from.
 4. The smallest passing model wins; candidates not smaller than it are not tried.
 
-Everything is deterministic (fixed samples, stable sort, ties broken by candidate order)
-except latency: a budget with `max_latency_ms` may pick differently from run to run.
-Needs no TensorFlow unless a candidate uses the converter backend.
+Everything is deterministic (fixed samples, stable sort, ties broken by candidate and
+tensor order) except latency: a budget with `max_latency_ms` may pick differently from run
+to run. Needs no TensorFlow unless a candidate uses the converter backend.
 """
 
 from __future__ import annotations
@@ -22,27 +27,50 @@ import json
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
+
 from pipeline import deliver, steps
 from pipeline.build import Build, Model, derive
 from pipeline.config import AUTO_VARIANT, AutoSelectConfig, Backend, QuantizationConfig, plain
+from pipeline.errors import InputError
 from pipeline.evaluate import load_reference
-from pipeline.io import read_bytes
+from pipeline.io import read_bytes, sha256_path
 from pipeline.layout import AutoSelectPaths
 from pipeline.quantize import QuantizedModel, load_recipe, selective
+from pipeline.quantize.litert import Recipe, Statistics, calibrate_recipe, calibrating_algorithms, statistics_from
 from pipeline.sources import served_signature
-from pipeline.validate import Validation, validate
+from pipeline.validate import Validation, output_metrics, validate
+from pipeline.validate.layers import layer_errors
+from pipeline.validate.runner import run_samples
 
 # Metrics of each attempt kept in the decision trail.
-TRAIL_METRICS = ("size_ratio", "accuracy", "accuracy_drop", "cosine", "snr_db", "latency_median_ms")
+TRAIL_METRICS = ("size_ratio", "accuracy", "accuracy_drop", "task_metric_drop", "cosine", "snr_db",
+                 "latency_median_ms")
+BUDGET_GATES = ("max_accuracy_drop", "max_task_metric_drop", "min_snr_db", "max_size_ratio", "max_latency_ms")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A point of the search space before any layer is kept in float."""
+
+    base: str  # the variant in `quantization`
+    algorithm: str | None = None  # replaces the recipe's calibration algorithm (static LiteRT Quantizer)
+
+    @property
+    def name(self) -> str:
+        return self.base if self.algorithm is None else f"{self.base}+{self.algorithm}"
 
 
 @dataclass(frozen=True)
 class Candidate:
-    name: str  # the variant, with "+<n> float" when layers are kept in float
-    base: str  # the variant in `quantization` it derives from
+    spec: Spec
     float_tensors: tuple[str, ...]
     model: bytes  # delivered: metadata, labels and provenance, as the metadata stage makes it
-    recipe: list[dict[str, Any]] | None  # LiteRT Quantizer recipe, None for other backends
+    recipe: Recipe | None  # LiteRT Quantizer recipe, None for other backends
+
+    @property
+    def name(self) -> str:
+        return self.spec.name + (f"+{len(self.float_tensors)} float" if self.float_tensors else "")
 
 
 @dataclass(frozen=True)
@@ -56,9 +84,11 @@ class Attempt:
 
     def record(self) -> dict[str, Any]:
         metrics = self.validation.report["metrics"]
+        spec = self.candidate.spec
         return {
             "variant": self.candidate.name,
-            "base_variant": self.candidate.base,
+            "base_variant": spec.base,
+            "algorithm": spec.algorithm,
             "float_tensors": list(self.candidate.float_tensors),
             "size_bytes": len(self.candidate.model),
             **{key: metrics.get(key) for key in TRAIL_METRICS},
@@ -69,58 +99,110 @@ class Attempt:
 
 @dataclass(frozen=True)
 class Selection:
-    report: dict[str, Any]  # the decision trail (JSON): budget, gates, attempts, selected
+    report: dict[str, Any]  # the decision trail (JSON): budget, gates, attempts, sensitivity, selected
     selected: Attempt | None
 
 
 def candidates_of(auto: AutoSelectConfig, quantization: dict[str, QuantizationConfig]) -> list[str]:
-    if auto.candidates:
-        return list(auto.candidates)
-    return [v for v, q in quantization.items() if q.backend in (Backend.litert_quantizer, Backend.none)]
+    return list(auto.candidates) if auto.candidates else list(quantization)
 
 
-BUDGET_GATES = ("max_accuracy_drop", "max_size_ratio", "max_latency_ms")
+def drop_metric(auto: AutoSelectConfig) -> str | None:
+    """The metric whose drop ranks layers: the budget's (accuracy first), else none (SNR ranks)."""
+    if auto.max_accuracy_drop is not None:
+        return "accuracy_drop"
+    return "task_metric_drop" if auto.max_task_metric_drop is not None else None
 
 
 class _Search:
     """Quantize, deliver and validate candidates of one model, always from the same inputs."""
 
-    def __init__(self, model: Model, auto: AutoSelectConfig, *, git_commit: str, experiment: str):
-        self.model, self.git_commit, self.experiment = model, git_commit, experiment
+    def __init__(self, model: Model, auto: AutoSelectConfig, quantization: dict[str, QuantizationConfig], *,
+                 git_commit: str, experiment: str):
+        self.model, self.auto, self.quantization = model, auto, quantization
+        self.git_commit, self.experiment = git_commit, experiment
         self.float_model = read_bytes(model.paths.float_model)
         self.samples, self.reference = load_reference(model.paths.reference)
         self.convert_info = json.loads(read_bytes(model.paths.convert_report))
         self.input_ranges = json.loads(read_bytes(model.paths.evaluate_report)).get("input_ranges", {})
-        self.feeders = selective.producers_of_inputs(self.float_model)
+        self.ops = selective.ops_by_output(self.float_model)
         # The budget overrides the model's gates, so the pick passes them too.
         self.budget = {gate: getattr(auto, gate) for gate in BUDGET_GATES if getattr(auto, gate) is not None}
         self.gates = self.build(QuantizationConfig()).gates
+        self._statistics: dict[Spec, Statistics] = {}
 
     def build(self, variant: QuantizationConfig) -> Build:
         """The model's `auto` build with `variant`, gated by the budget."""
         return derive(self.model, AUTO_VARIANT, variant, self.budget)
+
+    def variant(self, spec: Spec) -> QuantizationConfig:
+        return self.quantization[spec.base]
+
+    def is_static(self, spec: Spec) -> bool:
+        return selective.is_selective_candidate(self.variant(spec), key=f"quantization.{spec.base}")
+
+    def specs(self) -> list[Spec]:
+        specs = []
+        for name in candidates_of(self.auto, self.quantization):
+            specs.append(Spec(name))
+            if self.is_static(Spec(name)):
+                own = calibrating_algorithms(self.recipe(Spec(name)))
+                specs += [Spec(name, algorithm) for algorithm in self.auto.algorithms if {algorithm} != own]
+        return specs
+
+    def recipe(self, spec: Spec) -> Recipe:
+        recipe = load_recipe(self.variant(spec).recipe or "", key=f"quantization.{spec.base}.recipe")
+        return recipe if spec.algorithm is None else selective.with_algorithm(recipe, spec.algorithm)
+
+    def statistics(self, spec: Spec) -> Statistics:
+        """The spec's calibration, once: the model's shared one where its recipe can use it."""
+        if spec not in self._statistics:
+            build, recipe = self.build(self.variant(spec)), self.recipe(spec)
+            key = f"quantization.{spec.base}"
+            calibration = steps.reusable_calibration(build) if spec.algorithm is None else None
+            if calibration is not None:
+                self._statistics[spec] = statistics_from(calibration, self.float_model, recipe, key=key)
+            else:
+                samples = steps.representative_samples(build, self.float_model)
+                self._statistics[spec] = calibrate_recipe(self.float_model, recipe, build.variant, samples, key=key)
+        return self._statistics[spec]
 
     def _delivered(self, build: Build, quantized: QuantizedModel) -> bytes:
         record = deliver.provenance(build, convert_info=self.convert_info, quantize_info=quantized.info,
                                     git_commit=self.git_commit, experiment=self.experiment)
         return deliver.deliver(build, quantized.model, record, input_ranges=self.input_ranges)
 
-    def plain(self, variant_name: str, variant: QuantizationConfig) -> Candidate:
-        build = self.build(variant)
-        quantized = steps.quantize_build(build)
-        recipe = (load_recipe(variant.recipe or "", key=f"quantization.{variant_name}.recipe")
-                  if variant.backend is Backend.litert_quantizer else None)
-        return Candidate(variant_name, variant_name, (), self._delivered(build, quantized), recipe)
+    def quantize(self, spec: Spec, float_tensors: list[str]) -> QuantizedModel:
+        """The spec's model with the ops producing `float_tensors` in float."""
+        variant = self.variant(spec)
+        if spec.algorithm is None and not float_tensors:  # exactly what the variant's own build delivers
+            self._check_source_unchanged(variant)
+            return steps.quantize_build(self.build(variant))
+        recipe = selective.keep_in_float(self.recipe(spec), float_tensors)
+        return selective.quantize_with_recipe(self.float_model, variant, recipe, statistics=self.statistics(spec),
+                                              key=f"quantization.{spec.base}")
 
-    def keeping_float(self, base: str, variant: QuantizationConfig, tensors: list[str]) -> Candidate:
+    def candidate(self, spec: Spec, float_tensors: list[str] = ()) -> Candidate:
+        variant = self.variant(spec)
+        quantized = self.quantize(spec, list(float_tensors))
+        recipe = None
         build = self.build(variant)
-        calibration = steps.reusable_calibration(build)
-        samples = steps.representative_samples(build, self.float_model) if calibration is None else None
-        quantized, recipe = selective.quantize_keeping_float(self.float_model, variant, tensors, samples=samples,
-                                                             calibration=calibration, key=f"quantization.{base}")
-        # Provenance names the recipe file the stage writes beside the pick.
-        build = self.build(replace(variant, recipe=str(AutoSelectPaths.of(self.model.name).recipe)))
-        return Candidate(f"{base}+{len(tensors)} float", base, tuple(tensors), self._delivered(build, quantized), recipe)
+        if variant.backend is Backend.litert_quantizer:
+            recipe = selective.keep_in_float(self.recipe(spec), float_tensors)
+            if spec.algorithm is not None or float_tensors:
+                # Provenance names the recipe file the stage writes beside the pick.
+                build = self.build(replace(variant, recipe=str(AutoSelectPaths.of(self.model.name).recipe)))
+        return Candidate(spec, tuple(float_tensors), self._delivered(build, quantized), recipe)
+
+    def _check_source_unchanged(self, variant: QuantizationConfig) -> None:
+        """Converter candidates convert the source again: it must be the one the float model
+        came from (the convert stage's record, a dependency of this stage, holds its hash)."""
+        if variant.backend is not Backend.converter:
+            return
+        source = self.model.config.source.path
+        if sha256_path(source) != self.convert_info.get("source_sha256"):
+            raise InputError("changed since the convert stage ran: run the pipeline again", file=source,
+                             key=self.model.key("source", "path"))
 
     def attempt(self, candidate: Candidate) -> Attempt:
         config = self.model.config
@@ -141,20 +223,56 @@ class _Search:
                    "model_path": str(self.build(QuantizationConfig()).paths.delivered)}
         return Attempt(candidate, replace(result, report={**context, **result.report}))
 
+    def sensitivity(self, spec: Spec) -> dict[str, Any]:
+        """Each layer's effect alone (see the module doc), most sensitive first."""
+        count = min(self.auto.sensitivity_samples, len(self.samples))
+        subset = self.samples.take(slice(0, count))
+        reference = {name: values[:count] for name, values in self.reference.items()}
+        metric = drop_metric(self.auto)
+        analysis: dict[str, Any] = {"variant": spec.name, "metric": metric, "num_samples": count, "layers": []}
+        full = self.quantize(spec, []).model
+        errors, reason = layer_errors(self.float_model, full, subset, num_threads=self.model.runtime.num_threads)
+        if reason:
+            return {**analysis, "reason": reason}
+        # Bounded: the layers with the lowest SNR in the full model are measured first.
+        measured = [row for row in errors if row.tensor in self.ops][:self.auto.sensitivity_layers]
+        analysis["layers_not_measured"] = len([row for row in errors if row.tensor in self.ops]) - len(measured)
+        signature = served_signature(self.model.config.source)
+        rows = []
+        for row in measured:
+            others = [tensor for tensor in self.ops if tensor != row.tensor]
+            alone = self.quantize(spec, others).model
+            run = run_samples(alone, subset, num_threads=self.model.runtime.num_threads, signature_key=signature,
+                              desc=f"sensitivity {row.tensor[:40]}")
+            _, metrics = output_metrics(run.outputs, reference, subset.labels, task_metric=self.gates.task_metric)
+            rows.append({
+                "tensor": row.tensor,
+                "op": self.ops[row.tensor].op,
+                "drop": metrics.get(metric) if metric else None,
+                "snr_db_alone": metrics["snr_db"],
+                "snr_db_in_model": row.snr_db,
+            })
+        analysis["layers"] = sorted(rows, key=lambda r: (-(r["drop"] or 0.0), r["snr_db_alone"], r["tensor"]))
+        return analysis
+
 
 def select(model: Model, auto: AutoSelectConfig, quantization: dict[str, QuantizationConfig], *, git_commit: str,
            experiment: str) -> Selection:
-    """Search the model's candidates (variants of `quantization`) for the smallest within its
-    budget (see the module doc)."""
-    search = _Search(model, auto, git_commit=git_commit, experiment=experiment)
+    """Search the model's candidates for the smallest within its budget (see the module doc)."""
+    search = _Search(model, auto, quantization, git_commit=git_commit, experiment=experiment)
     # sorted() is stable: equal sizes keep the candidates' order.
-    ordered = sorted((search.plain(v, quantization[v]) for v in candidates_of(auto, quantization)),
-                     key=lambda c: len(c.model))
+    ordered = sorted((search.candidate(spec) for spec in search.specs()), key=lambda c: len(c.model))
     attempts: list[Attempt] = []
+    analyses: dict[Spec, dict[str, Any]] = {}
     best: Attempt | None = None
 
     def worth_trying(candidate: Candidate) -> bool:
         return best is None or len(candidate.model) < len(best.candidate.model)
+
+    def sensitivity(spec: Spec) -> dict[str, Any]:
+        if spec not in analyses:
+            analyses[spec] = search.sensitivity(spec)
+        return analyses[spec]
 
     for candidate in ordered:
         if not worth_trying(candidate):
@@ -164,19 +282,18 @@ def select(model: Model, auto: AutoSelectConfig, quantization: dict[str, Quantiz
         if latest.passed:
             best = latest
             continue
-        base = quantization[candidate.base]
-        if not selective.is_selective_candidate(base, key=f"quantization.{candidate.base}"):
+        spec = candidate.spec
+        if not search.is_static(spec):
             continue
+        ranked = [row["tensor"] for row in sensitivity(spec)["layers"]]
         kept: list[str] = []
         for _ in range(auto.max_steps):
-            # Worst first; equal SNRs in tensor-name order, so the choice is reproducible.
-            ranked = sorted(latest.validation.layer_errors, key=lambda row: (row.snr_db, row.tensor))
-            worst = [row.tensor for row in ranked if row.tensor not in kept][:auto.layers_per_step]
+            worst = [tensor for tensor in ranked if tensor not in kept][:auto.layers_per_step]
             if not worst:
                 break
             for tensor in worst:
-                kept += [t for t in [tensor, *search.feeders.get(tensor, [])] if t not in kept]
-            trial = search.keeping_float(candidate.base, base, kept)
+                kept += [t for t in [tensor, *search.ops[tensor].feeders] if t not in kept]
+            trial = search.candidate(spec, kept)
             if not worth_trying(trial):
                 break
             latest = search.attempt(trial)
@@ -185,12 +302,29 @@ def select(model: Model, auto: AutoSelectConfig, quantization: dict[str, Quantiz
                 best = latest
                 break
 
+    # The report shows where the error comes from even when no static candidate missed.
+    first_static = next((c.spec for c in ordered if search.is_static(c.spec)), None)
+    if first_static is not None:
+        sensitivity(first_static)
     report = {
         "model": model.name,
         "budget": plain(auto),
         "gates": plain(search.gates),
         "candidates": [{"variant": c.name, "size_bytes": len(c.model)} for c in ordered],
         "attempts": [a.record() for a in attempts],
+        "sensitivity": list(analyses.values()),
         "selected": best.record() if best else None,
     }
     return Selection(report, best)
+
+
+def model_explorer_overlay(analysis: dict[str, Any]) -> dict[str, Any]:
+    """Model Explorer node data (its `GraphNodeData` JSON) for one sensitivity analysis: each
+    measured op, keyed by its output tensor name, valued by the output SNR with that op alone
+    quantized (low = sensitive, coloured red). Load it on the float or the quantized model."""
+    results = {row["tensor"]: {"value": round(float(row["snr_db_alone"]), 3)}
+               for row in analysis["layers"] if np.isfinite(row["snr_db_alone"])}
+    return {"results": results,
+            "gradient": [{"stop": 0, "bgColor": "#d7191c"}, {"stop": 0.5, "bgColor": "#ffffbf"},
+                         {"stop": 1, "bgColor": "#1a9641"}]}
+

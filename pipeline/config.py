@@ -305,18 +305,28 @@ class BuildConfig:
 
 @dataclass
 class AutoSelectConfig:
-    """`autoselect.<model>`: pick the smallest variant within a budget (the budget gates
+    """`autoselect.<model>`: pick the smallest model within a budget (the budget gates
     override the model's own gate set, so the pick also passes its validation)."""
 
     max_accuracy_drop: Optional[float] = 0.005
+    max_task_metric_drop: Optional[float] = None  # with the model's validation.task_metric
+    min_snr_db: Optional[float] = None
     max_size_ratio: Optional[float] = None
     max_latency_ms: Optional[float] = None  # latency varies between runs: the pick may too
-    # Variants to try, by name; empty: every litert_quantizer and none variant in `quantization`.
+    # Variants to try, by name; empty: every variant in `quantization` (both backends).
     candidates: List[str] = field(default_factory=list)
-    # A static LiteRT Quantizer variant that misses the budget is retried up to `max_steps`
-    # times, each time keeping `layers_per_step` more of its worst layers in float.
+    # Calibration algorithms tried on every static LiteRT Quantizer candidate (replacing its
+    # recipe's), each a candidate of its own; `min_max_uniform_quantize` is the recipes' own.
+    algorithms: List[str] = field(default_factory=lambda: list(AUTOSELECT_ALGORITHMS))
+    # A static LiteRT Quantizer candidate that misses the budget is retried up to `max_steps`
+    # times, each time keeping `layers_per_step` more of its most sensitive layers in float.
     max_steps: int = 3
     layers_per_step: int = 1
+    # Sensitivity: the budget metric's drop and the output SNR with one layer alone quantized,
+    # measured on the first `sensitivity_samples` evaluation samples for at most
+    # `sensitivity_layers` layers (those with the lowest SNR in the full model first).
+    sensitivity_samples: int = 100
+    sensitivity_layers: int = 32
 
 
 @dataclass
@@ -398,6 +408,10 @@ RANGES: dict[tuple[type, str], tuple[float, float]] = {
     (ValidationConfig, "warmup_runs"): (0, 1_000),
     (ValidationConfig, "max_task_metric_drop"): (0, 1e6),
     (AutoSelectConfig, "max_accuracy_drop"): (0, 1),
+    (AutoSelectConfig, "max_task_metric_drop"): (0, 1e6),
+    (AutoSelectConfig, "min_snr_db"): (-1000, 1000),
+    (AutoSelectConfig, "sensitivity_samples"): (1, SAMPLES_MAX),
+    (AutoSelectConfig, "sensitivity_layers"): (0, 10_000),
     (AutoSelectConfig, "max_size_ratio"): (0, 1000),
     (AutoSelectConfig, "max_latency_ms"): (0, 3_600_000),
     (AutoSelectConfig, "max_steps"): (0, 100),
@@ -693,6 +707,14 @@ def _check_references(cfg: PipelineConfig, file: str) -> None:
         need(cfg.model, name, key, "model")
         for index, candidate in enumerate(auto.candidates):
             need(cfg.quantization, candidate, f"{key}.candidates[{index}]", "quantization variant")
+        for index, algorithm in enumerate(auto.algorithms):
+            if algorithm not in CALIBRATION_ALGORITHMS:
+                raise ConfigError(f"'{algorithm}' is not a calibration algorithm of LiteRT Quantizer (use "
+                                  f"{', '.join(CALIBRATION_ALGORITHMS)})", file=file, key=f"{key}.algorithms[{index}]")
+        gate_set = cfg.validation.get(cfg.model[name].validation)
+        if auto.max_task_metric_drop is not None and gate_set is not None and not gate_set.task_metric:
+            raise ConfigError(f"gate set '{cfg.model[name].validation}' of model {name} has no task_metric to "
+                              "measure this drop", file=file, key=f"{key}.max_task_metric_drop")
         if f"{name}-{AUTO_VARIANT}" in cfg.build:
             raise ConfigError(f"'{AUTO_VARIANT}' is the auto-selected variant: rename this build",
                               file=file, key=f"build.{name}-{AUTO_VARIANT}")
@@ -786,6 +808,10 @@ def _check_overlap(model: ModelConfig, data: dict, key: str, file: str) -> None:
 # holds this list to the installed package).
 QUANTIZER_ALGORITHMS = ("no_quantize", "min_max_uniform_quantize", "float_casting", "dequantized_weight_recovery",
                         "OCTAV", "HADAMARD_ROTATION", "DECOMPOSED_HADAMARD_ROTATION", "MSE", "GPTQ", "OSCAR")
+# The algorithms that calibrate static recipes (measured in conf/recipes/README.md); an
+# auto-selection tries these by default (OCTAV gave min/max's SNR on every example).
+CALIBRATION_ALGORITHMS = ("min_max_uniform_quantize", "MSE", "OCTAV", "GPTQ")
+AUTOSELECT_ALGORITHMS = ("min_max_uniform_quantize", "MSE", "GPTQ")
 RECIPE_ENTRY_KEYS = {"regex", "operation", "algorithm_key", "op_config"}
 
 

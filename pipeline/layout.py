@@ -85,11 +85,14 @@ class AutoSelectPaths:
     trail_json: Path
     trail_markdown: Path
     recipe: Path  # the pick's LiteRT Quantizer recipe (null for other backends): reusable as `recipe:`
+    sensitivity_png: Path  # per-layer sensitivity of the first static candidate (and of those that missed)
+    model_explorer: Path  # the same as Model Explorer node data, to colour the graph
 
     @classmethod
     def of(cls, model: str, root: Path = REPORTS) -> "AutoSelectPaths":
         folder = report_dir(model, AUTO_VARIANT, root)
-        return cls(folder / AUTOSELECT_JSON, folder / "autoselect.md", folder / "recipe.json")
+        return cls(folder / AUTOSELECT_JSON, folder / "autoselect.md", folder / "recipe.json",
+                   folder / "sensitivity.png", folder / "sensitivity_model_explorer.json")
 
 
 @dataclass(frozen=True)
@@ -139,7 +142,7 @@ def stage_files(stage: str, key: str, cfg: "PipelineConfig") -> tuple[set[str], 
         auto, build = AutoSelectPaths.of(key), BuildPaths.of(key, AUTO_VARIANT)
         return (strings(LABELS, RECIPES, *vars(files).values()),
                 strings(build.delivered, build.validation_json, build.validation_markdown, auto.trail_json,
-                        auto.trail_markdown, auto.recipe))
+                        auto.trail_markdown, auto.recipe, auto.sensitivity_png, auto.model_explorer))
     build = cfg.build[key]
     files, out = ModelPaths.of(build.model), BuildPaths.of(build.model, build.variant)
     if stage == "quantize":

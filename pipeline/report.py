@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,14 @@ from typing import Any
 from pipeline.errors import InputError
 from pipeline.io import atomic_path, write_json, write_text
 from pipeline.layout import AUTO_VARIANT, VALIDATION_JSON, AutoSelectPaths, ComparisonPaths, report_dir
+
+# The pipeline's default int8 (LiteRT Quantizer, as Google recommends) and the deprecated
+# converter int8 it must not be worse than: compared whenever a model builds both.
+DEFAULT_INT8, CONVERTER_INT8 = "static_wi8_ai8", "converter_int8"
+WORST_LAYERS_SHOWN = 3
+# Metrics compared, and whether higher is better.
+INT8_METRICS = (("snr_db", "SNR (dB)", True), ("accuracy_drop", "accuracy drop (pt)", False),
+                ("task_metric_drop", "task metric drop", False), ("size_bytes", "size (bytes)", False))
 
 CSV_COLUMNS = (
     "model", "variant", "size_bytes", "size_ratio", "accuracy", "accuracy_drop", "cosine", "snr_db",
@@ -43,6 +52,8 @@ class Row:
     failures: list[str] = field(default_factory=list)
     pareto_size: bool = False
     pareto_latency: bool = False
+    # The validation's lowest-SNR layers (static integer models); not in report.json.
+    worst_layers: list[dict[str, Any]] = field(default_factory=list)
 
     def quality_loss(self, metric: str) -> float | None:
         if metric == "accuracy_drop":
@@ -81,6 +92,7 @@ def row_from_validation(model: str, variant: str, report: dict[str, Any], *, fil
             gates_total=len(gates),
             passed=bool(report["passed"]),
             failures=list(report["failures"]),
+            worst_layers=list((report.get("layer_errors") or {}).get("worst") or [])[:WORST_LAYERS_SHOWN],
         )
     except (KeyError, TypeError) as exc:
         raise InputError(f"not a validation report (missing {exc})", file=file) from None
@@ -88,7 +100,8 @@ def row_from_validation(model: str, variant: str, report: dict[str, Any], *, fil
 
 def to_json(report: ModelReport) -> dict[str, Any]:
     """The rows by variant (what `rows_from_json` reads back)."""
-    return {row.variant: {k: v for k, v in asdict(row).items() if k not in ("model", "variant")} for row in report.rows}
+    return {row.variant: {k: v for k, v in asdict(row).items() if k not in ("model", "variant", "worst_layers")}
+            for row in report.rows}
 
 
 def rows_from_json(model: str, data: dict[str, Any], *, file: str = "") -> list[Row]:
@@ -205,11 +218,15 @@ def trail_markdown(trail: dict[str, Any]) -> list[str]:
     """The auto-selection's decision trail: budget, every attempt in order, the pick."""
     budget = trail["budget"]
     caps = [f"accuracy drop ≤ {100 * budget['max_accuracy_drop']:.3g} pt" if budget.get("max_accuracy_drop") is not None else None,
+            f"task metric drop ≤ {budget['max_task_metric_drop']:g}" if budget.get("max_task_metric_drop") is not None else None,
+            f"SNR ≥ {budget['min_snr_db']:g} dB" if budget.get("min_snr_db") is not None else None,
             f"size ratio ≤ {budget['max_size_ratio']:g}" if budget.get("max_size_ratio") is not None else None,
             f"median latency ≤ {budget['max_latency_ms']:g} ms" if budget.get("max_latency_ms") is not None else None]
+    algorithms = ", ".join(budget.get("algorithms", []))
     lines = [f"Budget: {', '.join(c for c in caps if c) or 'the model gates only'} "
-             "(with the model's own gates). Candidates are tried from the smallest; a static variant that misses "
-             f"keeps up to {budget['max_steps']} × {budget['layers_per_step']} of its worst layers in float.", ""]
+             "(with the model's own gates). Candidates (every variant; static LiteRT Quantizer ones also with "
+             f"{algorithms or 'their own algorithm'}) are tried from the smallest; a static one that misses keeps up "
+             f"to {budget['max_steps']} × {budget['layers_per_step']} of its most sensitive layers in float.", ""]
     lines += ["| # | variant | layers in float | size (bytes) | size ratio | accuracy drop (pt) | cosine | "
               "latency median (ms) | result |", "|---|---|---|---|---|---|---|---|---|"]
     for index, attempt in enumerate(trail["attempts"], 1):
@@ -221,6 +238,7 @@ def trail_markdown(trail: dict[str, Any]) -> list[str]:
                      f"{result.replace('|', '/')} |")
     selected = trail.get("selected")
     lines.append("")
+    lines += sensitivity_markdown(trail.get("sensitivity", []))
     if selected is None:
         lines.append("**No candidate is within the budget.**")
     else:
@@ -228,6 +246,109 @@ def trail_markdown(trail: dict[str, Any]) -> list[str]:
         if selected["float_tensors"]:
             lines += ["", "Layers kept in float (by output tensor):", ""]
             lines += [f"- `{tensor}`" for tensor in selected["float_tensors"]]
+    return lines + [""]
+
+
+SENSITIVITY_ROWS = 15
+
+
+def sensitivity_markdown(analyses: list[dict[str, Any]]) -> list[str]:
+    """Each sensitivity analysis of the search as a table, most sensitive layer first."""
+    lines = []
+    for analysis in analyses:
+        lines += [f"### Layer sensitivity of `{analysis['variant']}`", ""]
+        if analysis.get("reason"):
+            lines += [f"Not measured: {analysis['reason']}.", ""]
+            continue
+        metric = analysis["metric"]
+        drop = {"accuracy_drop": "accuracy drop alone (pt)", "task_metric_drop": "task metric drop alone"}.get(metric)
+        layers = analysis["layers"]
+        lines += [f"Each layer quantized alone (every other op in float), on {analysis['num_samples']} evaluation "
+                  f"samples; {len(layers)} layers measured"
+                  + (f", {analysis['layers_not_measured']} with the least error in the full model not measured"
+                     if analysis.get("layers_not_measured") else "")
+                  + f". Most sensitive first (the {min(len(layers), SENSITIVITY_ROWS)} worst shown; all in "
+                  "`autoselect.json`).", ""]
+        lines += ["| # | layer (output tensor) | op | " + (f"{drop} | " if drop else "")
+                  + "output SNR alone (dB) | its SNR in the full model (dB) |",
+                  "|---|---|---|" + ("---|" if drop else "") + "---|---|"]
+        for rank, row in enumerate(layers[:SENSITIVITY_ROWS], 1):
+            value = "" if not drop else f"{_fmt(None if row['drop'] is None else (100 if metric == 'accuracy_drop' else 1) * row['drop'])} | "
+            lines.append(f"| {rank} | `{row['tensor']}` | {row['op']} | {value}{_fmt(row['snr_db_alone'])} | "
+                         f"{_fmt(row['snr_db_in_model'])} |")
+        lines.append("")
+    return lines
+
+
+def plot_sensitivity(analyses: list[dict[str, Any]], path: Path, *, model: str) -> Path:
+    """The first analysis's layers as bars: output SNR with each layer alone quantized."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    analysis = next((a for a in analyses if a.get("layers")), None)
+    layers = [] if analysis is None else analysis["layers"][:SENSITIVITY_ROWS]
+    figure, axis = plt.subplots(figsize=(9, 1.2 + 0.35 * max(len(layers), 3)))
+    if not layers:
+        reason = (analysis or next(iter(analyses), {})).get("reason") or "no static LiteRT Quantizer candidate"
+        axis.text(0.5, 0.5, f"No layer sensitivity measured:\n{reason}", ha="center", va="center", wrap=True)
+        axis.set_axis_off()
+    else:
+        labels = [f"{row['op']} {row['tensor'][-40:]}" for row in layers][::-1]
+        values = [row["snr_db_alone"] for row in layers][::-1]
+        colours = ["tab:red" if (row["drop"] or 0) > 0 else "tab:blue" for row in layers][::-1]
+        axis.barh(range(len(layers)), values, color=colours)
+        axis.set_yticks(range(len(layers)), labels, fontsize=7)
+        axis.set_xlabel("output SNR with this layer alone quantized (dB; lower = more sensitive)")
+        axis.grid(True, axis="x", alpha=0.3)
+        axis.set_title(f"{model}: layer sensitivity of {analysis['variant']} (red: drops "
+                       f"{analysis['metric'] or 'the metric'} alone)", fontsize=9)
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=100)
+    plt.close(figure)
+    return path
+
+
+def int8_comparison(report: ModelReport) -> tuple[list[dict[str, Any]], list[str]]:
+    """The default int8 against the converter's, metric by metric: (rows, what is worse)."""
+    rows = {row.variant: row for row in report.rows}
+    ours, theirs = rows.get(DEFAULT_INT8), rows.get(CONVERTER_INT8)
+    if ours is None or theirs is None:
+        return [], []
+    table, worse = [], []
+    for metric, label, higher_is_better in INT8_METRICS:
+        a, b = ours.metrics.get(metric), theirs.metrics.get(metric)
+        if a is None or b is None:
+            continue
+        scale = 100.0 if metric == "accuracy_drop" else 1.0
+        table.append({"metric": metric, "label": label, "ours": scale * a, "converter": scale * b})
+        # Size is shown, not judged: both are int8 models of the same graph.
+        if metric != "size_bytes" and (a < b if higher_is_better else a > b):
+            worse.append(f"{label} {_fmt(scale * a)} vs. {_fmt(scale * b)}")
+    return table, worse
+
+
+def int8_markdown(report: ModelReport) -> list[str]:
+    table, worse = int8_comparison(report)
+    if not table:
+        return []
+    lines = [f"## Default int8 (`{DEFAULT_INT8}`, LiteRT Quantizer) vs. the converter's (`{CONVERTER_INT8}`)", "",
+             f"| metric | {DEFAULT_INT8} | {CONVERTER_INT8} |", "|---|---|---|"]
+    lines += [f"| {row['label']} | {_fmt(row['ours'])} | {_fmt(row['converter'])} |" for row in table]
+    lines.append("")
+    if not worse:
+        lines += [f"`{DEFAULT_INT8}` is at least as good as the converter's int8 on every measured metric.", ""]
+        return lines
+    ours = next(row for row in report.rows if row.variant == DEFAULT_INT8)
+    lines += [f"**`{DEFAULT_INT8}` is worse than the converter's int8**: {'; '.join(worse)}."]
+    if ours.worst_layers:
+        lines.append("Its layers with the lowest SNR against the float model (validation, where the error enters): "
+                     + ", ".join(f"`{layer['tensor']}` {_fmt(layer['snr_db'])} dB" for layer in ours.worst_layers)
+                     + ".")
+    if report.autoselect is not None:
+        lines.append("The auto-selection below measures each layer's sensitivity alone and keeps the worst in float.")
     return lines + [""]
 
 
@@ -256,11 +377,15 @@ def to_markdown(report: ModelReport, *, image: str | None = "pareto.png") -> str
     lines.append("")
     if image:
         lines += [f"![{axis} vs. size and latency]({image})", ""]
+    lines += int8_markdown(report)
     failed = [row for row in report.rows if row.failures]
     if failed:
         lines += ["## Failed gates", ""] + [f"- **{row.variant}**: {'; '.join(row.failures)}" for row in failed] + [""]
     if report.autoselect is not None:
+        plot = Path(os.path.relpath(AutoSelectPaths.of(report.model).sensitivity_png,
+                                    ComparisonPaths.of(report.model).folder)).as_posix()
         lines += ["## Auto-selection", ""] + trail_markdown(report.autoselect)
+        lines += [f"![layer sensitivity]({plot})", ""]
     return "\n".join(lines)
 
 

@@ -10,7 +10,7 @@ from pipeline.errors import InputError
 
 
 @lru_cache(maxsize=1)
-def _builtin_names() -> dict[int, str]:
+def builtin_names() -> dict[int, str]:
     from ai_edge_litert import schema_py_generated as schema
 
     return {
@@ -46,7 +46,7 @@ def op_uses(model: bytes, *, file: str | None = None) -> list[OpUse]:
     from ai_edge_litert import schema_py_generated as schema
 
     root = parse(model, file=file)
-    names = _builtin_names()
+    names = builtin_names()
     used = set()
     for index in range(root.SubgraphsLength()):
         subgraph = root.Subgraphs(index)

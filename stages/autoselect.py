@@ -29,6 +29,9 @@ def main() -> None:
     outputs = [
         write_json(files.trail_json, trail),
         write_text(files.trail_markdown, "\n".join([f"# Auto-selection for {name}", "", *report.trail_markdown(trail)])),
+        report.plot_sensitivity(trail["sensitivity"], files.sensitivity_png, model=name),
+        write_json(files.model_explorer, autoselect.model_explorer_overlay(
+            next((a for a in trail["sensitivity"] if a.get("layers")), {"layers": []}))),
     ]
     chosen = selection.selected
     if chosen is not None:

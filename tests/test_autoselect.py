@@ -96,8 +96,9 @@ def _select(project, monkeypatch, **budget):
                              experiment="test")
 
 
-def test_static_int8_misses_so_worst_layers_stay_float_until_within_budget(project, monkeypatch):
-    selection = _select(project, monkeypatch, candidates=["static_wi8_ai8", "float"])
+def test_static_int8_misses_so_most_sensitive_layers_stay_float_until_within_budget(project, monkeypatch):
+    selection = _select(project, monkeypatch, candidates=["static_wi8_ai8", "float"],
+                        algorithms=["min_max_uniform_quantize"])
     attempts = selection.report["attempts"]
     plain = attempts[0]
     assert plain["variant"] == "static_wi8_ai8" and not plain["passed"]
@@ -107,10 +108,13 @@ def test_static_int8_misses_so_worst_layers_stay_float_until_within_budget(proje
     assert chosen["base_variant"] == "static_wi8_ai8" and chosen["float_tensors"]
     assert chosen["accuracy_drop"] <= BUDGET and chosen["passed"]
     assert chosen == attempts[-1]
-    # The worst layer (the logits) is kept in float with the layer feeding it, the one with the
-    # outliers: one step suffices, and the pick is far smaller than the float model.
+    # The most sensitive layer is kept in float with the layer feeding it; one of the two is
+    # the one with the outliers: one step suffices, and the pick is far smaller than the float model.
     assert len(attempts) == 2 and len(chosen["float_tensors"]) == 2
     assert any("Relu" in tensor for tensor in chosen["float_tensors"])
+    [analysis] = selection.report["sensitivity"]
+    assert analysis["variant"] == "static_wi8_ai8" and analysis["metric"] == "accuracy_drop"
+    assert chosen["float_tensors"][0] == analysis["layers"][0]["tensor"]
     float_size = next(c["size_bytes"] for c in selection.report["candidates"] if c["variant"] == "float")
     assert chosen["size_bytes"] < float_size
     assert all(a["variant"] != "float" for a in attempts)  # larger than the pick: never tried
@@ -127,6 +131,7 @@ def test_selection_is_deterministic(project, monkeypatch):
     assert first.selected.candidate.model == second.selected.candidate.model
     strip = lambda report: [{k: v for k, v in a.items() if k != "latency_median_ms"} for a in report["attempts"]]
     assert strip(first.report) == strip(second.report)
+    assert first.report["sensitivity"] == second.report["sensitivity"]
 
 
 def test_default_candidates_pick_the_smallest_within_budget(project, monkeypatch):
@@ -141,8 +146,33 @@ def test_default_candidates_pick_the_smallest_within_budget(project, monkeypatch
                                          if a["size_bytes"] < chosen["size_bytes"])
 
 
+def test_the_search_spans_algorithms_and_both_backends_and_measures_sensitivity(project, monkeypatch):
+    selection = _select(project, monkeypatch, candidates=["static_wi8_ai8", "static_wi8_ai16", "converter_int8"],
+                        algorithms=["min_max_uniform_quantize", "MSE"], max_steps=0)
+    names = {c["variant"] for c in selection.report["candidates"]}
+    assert names == {"static_wi8_ai8", "static_wi8_ai8+MSE", "static_wi8_ai16", "static_wi8_ai16+MSE", "converter_int8"}
+    attempts = {a["variant"]: a for a in selection.report["attempts"]}
+    if "static_wi8_ai8+MSE" in attempts:  # MSE clips the outliers' range: it must be measured like any other
+        assert attempts["static_wi8_ai8+MSE"]["algorithm"] == "MSE"
+    # Sensitivity of each static candidate that missed (at least the first one), most sensitive first.
+    analysis = selection.report["sensitivity"][0]
+    layers = analysis["layers"]
+    assert layers and analysis["num_samples"] == 100
+    keys = [(-(row["drop"] or 0), row["snr_db_alone"]) for row in layers]
+    assert keys == sorted(keys)
+    # The outlier layer (the first Dense's ReLU output) or the one it feeds is the most sensitive.
+    assert layers[0]["op"] in ("FULLY_CONNECTED", "SOFTMAX") and layers[0]["drop"] > BUDGET
+    overlay = autoselect.model_explorer_overlay(analysis)
+    float_model = (project[0] / "artifacts" / "outlier" / "float.tflite").read_bytes()
+    from pipeline.quantize.selective import ops_by_output
+
+    assert set(overlay["results"]) <= set(ops_by_output(float_model)) and overlay["results"]
+    assert {"stop": 0, "bgColor": "#d7191c"} in overlay["gradient"]
+
+
 def test_no_candidate_within_budget_selects_none(project, monkeypatch):
-    selection = _select(project, monkeypatch, candidates=["static_wi8_ai8"], max_steps=0)
+    selection = _select(project, monkeypatch, candidates=["static_wi8_ai8"], max_steps=0,
+                        algorithms=["min_max_uniform_quantize"])
     assert selection.selected is None and selection.report["selected"] is None
     assert [a["variant"] for a in selection.report["attempts"]] == ["static_wi8_ai8"]
 
@@ -162,6 +192,8 @@ def test_keep_in_float_appends_entries_that_win():
     ({"nomodel": {}}, "autoselect.nomodel"),
     ({"digits": {"candidates": ["nope"]}}, "autoselect.digits.candidates[0]"),
     ({"digits": {"layers_per_step": 0}}, "autoselect.digits.layers_per_step"),
+    ({"digits": {"algorithms": ["min_max_uniform_quantize", "no_quantize"]}}, "autoselect.digits.algorithms[1]"),
+    ({"digits": {"sensitivity_samples": 0}}, "autoselect.digits.sensitivity_samples"),
 ])
 def test_bad_autoselect_config_names_the_key(tmp_path, autoselect_entry, key):
     import yaml
@@ -172,3 +204,15 @@ def test_bad_autoselect_config_names_the_key(tmp_path, autoselect_entry, key):
     with pytest.raises(ConfigError) as caught:
         config.load(tmp_path / "params.yaml")
     assert caught.value.key == key
+
+
+def test_a_task_metric_budget_needs_a_gate_set_with_a_task_metric(tmp_path):
+    import yaml
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["model"]["digits"]["validation"] = "default"  # no task_metric
+    params["autoselect"] = {"digits": {"max_task_metric_drop": 0.1}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ConfigError) as caught:
+        config.load(tmp_path / "params.yaml")
+    assert caught.value.key == "autoselect.digits.max_task_metric_drop"

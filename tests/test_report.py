@@ -147,3 +147,44 @@ def test_cli_report_writes_the_comparison_without_tensorflow(tmp_path):
     assert missing.returncode == 2 and "unknown model 'nope'" in missing.stderr
     code = "import sys, pipeline.report, pipeline.cli; sys.exit('tensorflow' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
+def _int8_rows(ours_snr: float, ours_drop: float, converter_snr: float, converter_drop: float) -> list:
+    ours = _validation(8000, ours_drop, 0.1)
+    ours["metrics"]["snr_db"] = ours_snr
+    ours["layer_errors"] = {"worst": [{"tensor": "dense/gelu", "snr_db": 9.5}, {"tensor": "logits", "snr_db": 12.0}]}
+    converter = _validation(8100, converter_drop, 0.1)
+    converter["metrics"]["snr_db"] = converter_snr
+    return [report.row_from_validation("m", "static_wi8_ai8", ours),
+            report.row_from_validation("m", "converter_int8", converter)]
+
+
+def test_the_default_int8_is_judged_against_the_converters_metric_by_metric():
+    worse = report.to_markdown(report.build_model_report("m", _int8_rows(20.0, 0.01, 39.2, 0.002)))
+    assert "## Default int8 (`static_wi8_ai8`, LiteRT Quantizer) vs. the converter's (`converter_int8`)" in worse
+    assert "**`static_wi8_ai8` is worse than the converter's int8**: SNR (dB) 20 vs. 39.2; accuracy drop (pt) 1 vs. 0.2" in worse
+    assert "`dense/gelu` 9.5 dB" in worse  # where the error enters, measured
+    better = report.to_markdown(report.build_model_report("m", _int8_rows(40.0, 0.0, 39.2, 0.002)))
+    assert "`static_wi8_ai8` is at least as good as the converter's int8 on every measured metric." in better
+    # Without a converter int8 build there is nothing to compare.
+    alone = report.build_model_report("m", _int8_rows(40.0, 0.0, 39.2, 0.002)[:1])
+    assert "Default int8" not in report.to_markdown(alone)
+
+
+SENSITIVITY = {"variant": "static_wi8_ai8", "metric": "accuracy_drop", "num_samples": 100, "layers_not_measured": 2,
+               "layers": [{"tensor": "dense_1/Relu", "op": "FULLY_CONNECTED", "drop": 0.2, "snr_db_alone": 3.1,
+                           "snr_db_in_model": 2.0},
+                          {"tensor": "logits", "op": "FULLY_CONNECTED", "drop": 0.0, "snr_db_alone": 30.5,
+                           "snr_db_in_model": 25.0}]}
+
+
+def test_sensitivity_is_a_table_in_the_trail_and_a_plot(tmp_path):
+    lines = report.sensitivity_markdown([SENSITIVITY, {"variant": "x", "reason": "not a static integer model"}])
+    text = "\n".join(lines)
+    assert "### Layer sensitivity of `static_wi8_ai8`" in text and "2 with the least error" in text
+    assert "| 1 | `dense_1/Relu` | FULLY_CONNECTED | 20 | 3.1 | 2 |" in text
+    assert "### Layer sensitivity of `x`" in text and "Not measured: not a static integer model." in text
+    for analyses, name in (([SENSITIVITY], "bars.png"), ([], "none.png")):
+        path = report.plot_sensitivity(analyses, tmp_path / name, model="m")
+        with Image.open(path) as image:
+            assert image.format == "PNG" and len(image.getcolors(1 << 16) or []) > 4

@@ -58,11 +58,13 @@ def quantize(
     make_converter: Callable[[], "tf.lite.TFLiteConverter"] | None,
     calibration: dict[str, Any] | None = None,
     key: str = "quantization",
+    statistics: litert.Statistics | None = None,
 ) -> QuantizedModel:
     """Quantize `float_model` as `variant` describes; `key` names the variant in errors.
 
     `samples` calibrate static recipes and integer converter modes; `calibration` (from
-    `calibrate`) replaces them for recipes that can share it. `make_converter` builds the
+    `calibrate`) replaces them for recipes that can share it, as `statistics` (in memory) do
+    for any static recipe they were calibrated for. `make_converter` builds the
     model's configured TFLiteConverter (converter backend only).
     """
     start = time.perf_counter()
@@ -71,7 +73,8 @@ def quantize(
     if variant.backend is Backend.none:
         model, info = float_model, {}
     elif variant.backend is Backend.litert_quantizer:
-        model, info = litert.quantize(float_model, variant, samples=samples, calibration=calibration, key=key)
+        model, info = litert.quantize(float_model, variant, samples=samples, calibration=calibration, key=key,
+                                      statistics=statistics)
     else:
         model, info = converter.quantize(variant, make_converter=make_converter, samples=samples, key=key)
     return QuantizedModel(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ Recipe = list[dict[str, Any]]
 # recipe that calibrates only with this algorithm (static_wi8_ai8 and static_wi8_ai16).
 MIN_MAX = "min_max_uniform_quantize"
 NO_QUANTIZE = "no_quantize"
+FLOAT_CASTING = "float_casting"
 
 
 def load_recipe(recipe: str, *, key: str) -> Recipe:
@@ -48,6 +50,29 @@ def load_recipe(recipe: str, *, key: str) -> Recipe:
     except Exception as exc:  # the parser raises KeyError, ValueError, TypeError... for bad entries
         raise ConfigError(f"invalid recipe: {_describe(exc)}", file=recipe, key=key) from None
     return loaded
+
+
+@dataclass(frozen=True)
+class Statistics:
+    """One calibration held in memory, to quantize with the same recipe again (e.g. with ops
+    kept in float): keeping ops in float changes which statistics are used, not the statistics."""
+
+    qsvs: dict[str, Any]
+    num_samples: int
+    samples_sha256: str
+
+
+def calibrate_recipe(float_model: bytes, recipe: Recipe, variant: QuantizationConfig, samples: Samples, *,
+                     key: str) -> Statistics:
+    """Calibrate `recipe` (with the variant's input/output types) on `samples`."""
+    qsvs = _run_calibration(float_model, samples, recipe + _io_entries(variant), key=key)
+    return Statistics(qsvs, len(samples), samples.sha256)
+
+
+def statistics_from(calibration: dict[str, Any], float_model: bytes, recipe: Recipe, *, key: str) -> Statistics:
+    """The shared calibration (from `calibrate`) as in-memory statistics for `recipe`."""
+    qsvs, provenance = _qsvs_from_json(calibration, float_model, recipe, key=key)
+    return Statistics(qsvs, provenance["num_calibration_samples"], provenance["calibration_samples_sha256"])
 
 
 def needs_calibration(variant: QuantizationConfig, *, key: str) -> bool:
@@ -100,9 +125,10 @@ def quantize(
     samples: Samples | None,
     calibration: dict[str, Any] | None,
     key: str,
+    statistics: Statistics | None = None,
 ) -> tuple[bytes, dict[str, Any]]:
     """Apply the variant's recipe; static recipes also get its I/O types and calibrate from
-    `samples` unless a shared `calibration` is given."""
+    `samples` unless a shared `calibration` or in-memory `statistics` are given."""
     recipe_name = variant.recipe or ""
     recipe = load_recipe(recipe_name, key=f"{key}.recipe")
     static = _recipe_manager(recipe).need_calibration()
@@ -123,7 +149,11 @@ def quantize(
         info["recipe_sha256"] = hashlib.sha256(Path(recipe_name).read_bytes()).hexdigest()
 
     qsvs = None
-    if static and calibration is not None:
+    if static and statistics is not None:
+        qsvs = statistics.qsvs
+        info.update(calibration="inline", num_calibration_samples=statistics.num_samples,
+                    calibration_samples_sha256=statistics.samples_sha256)
+    elif static and calibration is not None:
         qsvs, provenance = _qsvs_from_json(calibration, float_model, recipe, key=key)
         info.update(calibration="reused", **provenance)
     elif static:
@@ -240,7 +270,7 @@ def _qsvs_from_json(
         raise InputError(f"malformed calibration: {_describe(exc)}", key=key) from None
     if model_sha256 != hashlib.sha256(float_model).hexdigest():
         raise InputError("the calibration was computed for a different float model: recalibrate", key=key)
-    if _calibrating_algorithms(recipe) != {algorithm}:
+    if calibrating_algorithms(recipe) != {algorithm}:
         raise ConfigError(f"the recipe does not calibrate with {algorithm} only: calibrate inline", key=key)
     return qsvs, provenance
 
@@ -252,10 +282,10 @@ def _recipe_manager(recipe: Recipe) -> recipe_manager.RecipeManager:
 
 
 def _is_static_min_max(recipe: Recipe) -> bool:
-    return _recipe_manager(recipe).need_calibration() and _calibrating_algorithms(recipe) == {MIN_MAX}
+    return _recipe_manager(recipe).need_calibration() and calibrating_algorithms(recipe) == {MIN_MAX}
 
 
-def _calibrating_algorithms(recipe: Recipe) -> set[str]:
+def calibrating_algorithms(recipe: Recipe) -> set[str]:
     return {entry["algorithm_key"] for entry in recipe if entry["algorithm_key"] != NO_QUANTIZE}
 
 

@@ -11,15 +11,14 @@ from __future__ import annotations
 import json
 import re
 import tempfile
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
 from pipeline.config import Backend, QuantizationConfig
-from pipeline.datasets import Samples
 from pipeline.quantize import QuantizedModel, needs_calibration, quantize
-from pipeline.quantize.litert import NO_QUANTIZE, Recipe, load_recipe
-from pipeline.tflite_model import parse
+from pipeline.quantize.litert import FLOAT_CASTING, NO_QUANTIZE, Recipe, Statistics
+from pipeline.tflite_model import builtin_names, parse
 
 
 def is_selective_candidate(variant: QuantizationConfig, *, key: str) -> bool:
@@ -38,48 +37,51 @@ def keep_in_float(recipe: Recipe, tensors: Iterable[str]) -> Recipe:
                        for t in tensors)]
 
 
-def producers_of_inputs(float_model: bytes) -> dict[str, list[str]]:
-    """Output tensor name -> the op-produced tensors its op reads (not weights, not model inputs).
+@dataclass(frozen=True)
+class OpNode:
+    op: str  # the builtin operator's name
+    # The op-produced tensors the op reads (not weights, not model inputs). An op kept in float
+    # still reads quantized inputs when the ops feeding it are quantized, so the error a
+    # quantized input carries stays: keeping a layer in float keeps its feeders too.
+    feeders: list[str]
 
-    An op kept in float still reads quantized inputs when the ops feeding it are quantized, so
-    the error a quantized input carries stays: keeping a layer in float keeps its feeders too.
-    """
+
+def ops_by_output(float_model: bytes) -> dict[str, OpNode]:
+    """Output tensor name -> the op producing it, in graph order."""
     root = parse(float_model)
-    feeders: dict[str, list[str]] = {}
+    names = builtin_names()
+    nodes: dict[str, OpNode] = {}
     for index in range(root.SubgraphsLength()):
         subgraph = root.Subgraphs(index)
         name = lambda tensor: subgraph.Tensors(tensor).Name().decode()
         ops = [subgraph.Operators(i) for i in range(subgraph.OperatorsLength())]
         produced = {op.Outputs(o) for op in ops for o in range(op.OutputsLength())}
         for op in ops:
+            code = root.OperatorCodes(op.OpcodeIndex())
+            builtin = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
             inputs = [name(op.Inputs(i)) for i in range(op.InputsLength()) if op.Inputs(i) in produced]
             for output in range(op.OutputsLength()):
-                feeders[name(op.Outputs(output))] = inputs
-    return feeders
+                nodes[name(op.Outputs(output))] = OpNode(names.get(builtin, str(builtin)), inputs)
+    return nodes
 
 
-def quantize_keeping_float(
-    float_model: bytes,
-    variant: QuantizationConfig,
-    tensors: list[str],
-    *,
-    samples: Samples | None,
-    calibration: dict[str, Any] | None = None,
-    key: str,
-) -> tuple[QuantizedModel, Recipe]:
-    """Quantize as `variant` does, but with the ops producing `tensors` in float. The
-    variant's own calibration serves (`calibration`, else calibrated from `samples`): keeping
-    ops in float changes which statistics are used, not the statistics.
+def with_algorithm(recipe: Recipe, algorithm: str) -> Recipe:
+    """`recipe` calibrating with `algorithm`: every entry that quantizes takes it (entries that
+    keep ops in float or cast them to float16 keep theirs)."""
+    return [entry if entry["algorithm_key"] in (NO_QUANTIZE, FLOAT_CASTING) else {**entry, "algorithm_key": algorithm}
+            for entry in recipe]
 
-    Returns the model and the recipe used, a JSON recipe any `recipe:` can name.
-    """
-    recipe = keep_in_float(load_recipe(variant.recipe or "", key=f"{key}.recipe"), tensors)
+
+def quantize_with_recipe(float_model: bytes, variant: QuantizationConfig, recipe: Recipe, *,
+                         statistics: Statistics | None, key: str) -> QuantizedModel:
+    """Quantize as `variant` does (its I/O types), but with `recipe` instead of its own; a static
+    recipe takes the `statistics` calibrated for it."""
     with tempfile.TemporaryDirectory(prefix="litert-selective-") as folder:
         # The quantize API takes recipes by name or file; the file lives only for this call.
         recipe_file = Path(folder) / "recipe.json"
         recipe_file.write_text(json.dumps(recipe), encoding="utf-8")
-        result = quantize(float_model, replace(variant, recipe=str(recipe_file)), samples=samples,
-                          calibration=calibration, make_converter=None, key=key)
-    info = {**result.info, "recipe": variant.recipe, "float_tensors": list(tensors)}
-    info.pop("recipe_sha256", None)  # of the temporary file: the recipe itself is returned
-    return QuantizedModel(result.model, info), recipe
+        result = quantize(float_model, replace(variant, recipe=str(recipe_file)), samples=None,
+                          statistics=statistics, make_converter=None, key=key)
+    info = {**result.info, "recipe": variant.recipe}
+    info.pop("recipe_sha256", None)  # of the temporary file: the recipe itself is written beside the model
+    return QuantizedModel(result.model, info)

@@ -31,7 +31,7 @@ from pipeline.validate.clients import image_classifier_check
 from pipeline.validate.runner import latency_ms, run_samples
 from pipeline.validate.runtime import check_runtime, is_version
 
-__all__ = ["LayerError", "Validation", "payload_size", "to_csv", "to_markdown", "validate", "validate_build"]
+__all__ = ["LayerError", "Validation", "output_metrics", "payload_size", "to_csv", "to_markdown", "validate", "validate_build"]
 
 WORST_LAYERS = 10
 # `verification` in a report: every gate measured, or the model could not run on this host.
@@ -110,19 +110,11 @@ def validate(
                 batch_dependent=run.batch_dependent,
                 input_dtypes={n: str(np.dtype(d["dtype"])) for n, d in run.runner.input_details.items()},
             )
-            matched = match_outputs(run.outputs, reference)
-            model_outputs = {ref: run.outputs[out] for ref, out in matched.items()}
-            outputs = {ref: compare(model_outputs[ref], reference[ref]) for ref in matched}
-            metrics["cosine"] = min(o["cosine"] for o in outputs.values())
-            metrics["snr_db"] = min(o["snr_db"] for o in outputs.values())
-            metrics["max_abs_error"] = max(o["max_abs_error"] for o in outputs.values())
-            metrics["non_finite_values"] = sum(o["non_finite_values"] for o in outputs.values())
-            metrics.update(accuracy_metrics(model_outputs, reference, samples.labels, outputs))
+            outputs, measured = output_metrics(run.outputs, reference, samples.labels, task_metric=gates.task_metric)
+            metrics.update(measured)
             if "accuracy_drop" not in metrics:
                 unmeasured["accuracy_drop"] = ("no labels" if not samples.labels
                                                else "no output is labelled with class indices")
-            if gates.task_metric:
-                metrics.update(task_metric_scores(gates.task_metric, model_outputs, reference, samples.labels))
             latency = latency_ms(run.runner, samples.sample(0), model=model, num_threads=runtime.num_threads,
                                  runs=gates.latency_runs, warmup=gates.warmup_runs)
             metrics["latency_median_ms"], metrics["latency_p90_ms"] = latency.median_ms, latency.p90_ms
@@ -161,6 +153,26 @@ def validate(
         "versions": {p: version(p) for p in ("ai-edge-litert", "litert-quantizer")},
     }
     return Validation(report, rows)
+
+
+def output_metrics(run_outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray],
+                   labels: dict[str, np.ndarray], *, task_metric: str | None
+                   ) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """Each output's errors against the source's (matched by name), and the model's metrics:
+    the worst output's cosine and SNR, accuracies where labelled, the task metric if any."""
+    matched = match_outputs(run_outputs, reference)
+    model_outputs = {ref: run_outputs[out] for ref, out in matched.items()}
+    outputs = {ref: compare(model_outputs[ref], reference[ref]) for ref in matched}
+    metrics = {
+        "cosine": min(o["cosine"] for o in outputs.values()),
+        "snr_db": min(o["snr_db"] for o in outputs.values()),
+        "max_abs_error": max(o["max_abs_error"] for o in outputs.values()),
+        "non_finite_values": sum(o["non_finite_values"] for o in outputs.values()),
+    }
+    metrics.update(accuracy_metrics(model_outputs, reference, labels, outputs))
+    if task_metric:
+        metrics.update(task_metric_scores(task_metric, model_outputs, reference, labels))
+    return outputs, metrics
 
 
 def accuracy_metrics(model_outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray],
