@@ -1,0 +1,132 @@
+"""Int8 quality per bundled example, side by side in one run: what the pipeline delivers by
+default (`static_wi8_ai8`, full-range calibration), its auto-selection's pick, the converter's
+full int8, and LiteRT Quantizer's own default calibration (moving average) of the same recipe.
+
+    .venv/bin/python bench/quantization.py                      # clone, run every example (~40 min)
+    .venv/bin/python bench/quantization.py --project DIR        # a project that already ran them
+
+Every number comes from the same evaluation samples (each model's reference.npz) and the same
+calibration samples; the quantizer-default row is quantized here from the run's float model.
+Sizes are payloads (without metadata). Results: bench/quantization.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+sys.path.insert(0, str(ROOT))
+
+COLUMNS = ("static_wi8_ai8", "quantizer_default", "converter_int8", "auto")
+METRICS = ("snr_db", "accuracy_drop", "task_metric_drop", "payload_bytes")
+
+
+def run_every_example(project: Path) -> int:
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(project)], check=True)
+    makefile = (ROOT / "Makefile").read_text()
+    models = next(line.split(":=", 1)[1].strip() for line in makefile.splitlines() if line.startswith("ALL_MODELS"))
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "MLFLOW_TRACKING_URI": ""}
+    return subprocess.run([str(BIN / "litert-pipeline"), "run", f"model=[{models}]"], cwd=project, env=env).returncode
+
+
+def quantizer_default(build) -> dict[str, Any]:
+    """`static_wi8_ai8` with the quantizer's own calibration (its default moving average), the
+    pipeline's float inputs and outputs, measured as the validate stage measures."""
+    from litert_quantizer import recipe as recipes
+    from litert_quantizer.quantizer import Quantizer
+
+    from pipeline import steps
+    from pipeline.evaluate import load_reference
+    from pipeline.io import read_bytes
+    from pipeline.quantize.litert import _io_entries, _signatures_fed
+    from pipeline.sources import served_signature
+    from pipeline.validate import validate
+
+    model = build.model
+    float_model = read_bytes(model.paths.float_model)
+    samples = steps.representative_samples(build, float_model)
+    quantizer = Quantizer(float_model, recipes.static_wi8_ai8() + _io_entries(build.variant))
+    signatures = _signatures_fed(float_model, samples, key="bench")
+    qsvs = quantizer.calibrate({s: [samples.sample(i) for i in range(len(samples))] for s in signatures})
+    quantized = bytes(quantizer.quantize(qsvs).quantized_model)
+    evaluation, reference = load_reference(model.paths.reference)
+    result = validate(quantized, float_model=float_model, samples=evaluation, reference=reference, gates=build.gates,
+                      runtime=model.runtime, signature_key=served_signature(model.config.source), name=model.name)
+    return result.report["metrics"]
+
+
+def measure(project: Path) -> dict[str, Any]:
+    os.chdir(project)
+    from pipeline import config
+    from pipeline.build import resolve_build
+
+    cfg = config.load(project / "params.yaml")
+    results = {}
+    for name in cfg.model:
+        validations = {}
+        for column in ("static_wi8_ai8", "converter_int8", "auto"):
+            path = project / "reports" / name / column / "validation.json"
+            if path.exists():
+                validations[column] = json.loads(path.read_text())
+        if "static_wi8_ai8" not in validations and "converter_int8" not in validations:
+            continue
+        row: dict[str, Any] = {column: {m: v["metrics"].get(m) for m in METRICS} for column, v in validations.items()}
+        if "auto" in validations:
+            row["auto"]["pick"] = validations["auto"].get("selected_variant")
+        build_name = f"{name}-static_wi8_ai8"
+        if build_name in cfg.build:
+            try:
+                metrics = quantizer_default(resolve_build(cfg, build_name))
+                row["quantizer_default"] = {m: metrics.get(m) for m in METRICS}
+            except Exception as exc:  # a bench row says why it is missing
+                row["quantizer_default"] = {"error": f"{type(exc).__name__}: {exc}"}
+        results[name] = row
+    return results
+
+
+def fmt(value: Any, scale: float = 1.0) -> str:
+    return "—" if value is None else f"{scale * value:.3g}" if isinstance(value, float) else str(value)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    header = ("| model | metric | pipeline default `static_wi8_ai8` | LiteRT Quantizer default calibration | "
+              "converter `converter_int8` | auto-selection pick |")
+    lines = [header, "|---|---|---|---|---|---|"]
+    labels = {"snr_db": "SNR (dB)", "accuracy_drop": "accuracy drop (pt)", "task_metric_drop": "task metric drop",
+              "payload_bytes": "size (bytes)"}
+    for name, row in results.items():
+        pick = (row.get("auto") or {}).get("pick")
+        for metric in METRICS:
+            scale = 100.0 if metric == "accuracy_drop" else 1.0
+            cells = [fmt((row.get(c) or {}).get(metric), scale) if "error" not in (row.get(c) or {}) else "failed"
+                     for c in COLUMNS]
+            if metric == "snr_db" and pick:
+                cells[3] += f" (`{pick}`)"
+            lines.append(f"| {name} | {labels[metric]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--project", type=Path, help="a project where every example already ran")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="litert-bench-quant-") as folder:
+        project = args.project.resolve() if args.project else Path(folder) / "clone"
+        if args.project is None:
+            print(f"run exit code: {run_every_example(project)}", flush=True)
+        results = measure(project)
+    (ROOT / "bench" / "quantization.json").write_text(json.dumps(results, indent=2) + "\n")
+    (ROOT / "bench" / "quantization.md").write_text(markdown(results))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
