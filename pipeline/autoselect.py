@@ -32,7 +32,7 @@ import numpy as np
 from pipeline import deliver, steps
 from pipeline.build import Build, Model, derive
 from pipeline.config import AUTO_VARIANT, AutoSelectConfig, Backend, QuantizationConfig, plain
-from pipeline.errors import InputError
+from pipeline.errors import InputError, PipelineError
 from pipeline.evaluate import load_reference
 from pipeline.io import read_bytes, sha256_path
 from pipeline.layout import AutoSelectPaths
@@ -176,7 +176,6 @@ class _Search:
         """The spec's model with the ops producing `float_tensors` in float."""
         variant = self.variant(spec)
         if spec.algorithm is None and not float_tensors:  # exactly what the variant's own build delivers
-            self._check_source_unchanged(variant)
             return steps.quantize_build(self.build(variant))
         recipe = selective.keep_in_float(self.recipe(spec), float_tensors)
         return selective.quantize_with_recipe(self.float_model, variant, recipe, statistics=self.statistics(spec),
@@ -194,10 +193,11 @@ class _Search:
                 build = self.build(replace(variant, recipe=str(AutoSelectPaths.of(self.model.name).recipe)))
         return Candidate(spec, tuple(float_tensors), self._delivered(build, quantized), recipe)
 
-    def _check_source_unchanged(self, variant: QuantizationConfig) -> None:
+    def check_source_unchanged(self) -> None:
         """Converter candidates convert the source again: it must be the one the float model
         came from (the convert stage's record, a dependency of this stage, holds its hash)."""
-        if variant.backend is not Backend.converter:
+        if all(self.quantization[name].backend is not Backend.converter
+               for name in candidates_of(self.auto, self.quantization)):
             return
         source = self.model.config.source.path
         if sha256_path(source) != self.convert_info.get("source_sha256"):
@@ -260,8 +260,15 @@ def select(model: Model, auto: AutoSelectConfig, quantization: dict[str, Quantiz
            experiment: str) -> Selection:
     """Search the model's candidates for the smallest within its budget (see the module doc)."""
     search = _Search(model, auto, quantization, git_commit=git_commit, experiment=experiment)
+    search.check_source_unchanged()
+    built, unbuildable = [], []
+    for spec in search.specs():
+        try:
+            built.append(search.candidate(spec))
+        except PipelineError as exc:  # e.g. a recipe the quantizer refuses for this model: the others still compete
+            unbuildable.append({"variant": spec.name, "reason": exc.one_line()})
     # sorted() is stable: equal sizes keep the candidates' order.
-    ordered = sorted((search.candidate(spec) for spec in search.specs()), key=lambda c: len(c.model))
+    ordered = sorted(built, key=lambda c: len(c.model))
     attempts: list[Attempt] = []
     analyses: dict[Spec, dict[str, Any]] = {}
     best: Attempt | None = None
@@ -311,6 +318,7 @@ def select(model: Model, auto: AutoSelectConfig, quantization: dict[str, Quantiz
         "budget": plain(auto),
         "gates": plain(search.gates),
         "candidates": [{"variant": c.name, "size_bytes": len(c.model)} for c in ordered],
+        "unbuildable": unbuildable,
         "attempts": [a.record() for a in attempts],
         "sensitivity": list(analyses.values()),
         "selected": best.record() if best else None,

@@ -238,6 +238,10 @@ def trail_markdown(trail: dict[str, Any]) -> list[str]:
                      f"{result.replace('|', '/')} |")
     selected = trail.get("selected")
     lines.append("")
+    for failed in trail.get("unbuildable", []):
+        lines.append(f"- `{failed['variant']}` could not be built: {failed['reason']}")
+    if trail.get("unbuildable"):
+        lines.append("")
     lines += sensitivity_markdown(trail.get("sensitivity", []))
     if selected is None:
         lines.append("**No candidate is within the budget.**")
