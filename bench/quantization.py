@@ -122,10 +122,12 @@ def main() -> None:
         project = args.project.resolve() if args.project else Path(folder) / "clone"
         if args.project is None:
             print(f"run exit code: {run_every_example(project)}", flush=True)
-        results = measure(project)
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=project, capture_output=True,
+                                text=True).stdout.strip()
+        results = {"commit": commit, "models": measure(project)}
     (ROOT / "bench" / "quantization.json").write_text(json.dumps(results, indent=2) + "\n")
-    (ROOT / "bench" / "quantization.md").write_text(markdown(results))
-    print(markdown(results))
+    (ROOT / "bench" / "quantization.md").write_text(markdown(results["models"]))
+    print(markdown(results["models"]))
 
 
 if __name__ == "__main__":

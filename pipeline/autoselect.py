@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from pipeline import deliver, steps
 from pipeline.build import Build, Model, derive
@@ -239,11 +240,11 @@ class _Search:
         analysis["layers_not_measured"] = len([row for row in errors if row.tensor in self.ops]) - len(measured)
         signature = served_signature(self.model.config.source)
         rows = []
-        for row in measured:
+        for row in tqdm(measured, desc=f"sensitivity of {spec.name}", unit="layer", leave=False):
             others = [tensor for tensor in self.ops if tensor != row.tensor]
             alone = self.quantize(spec, others).model
             run = run_samples(alone, subset, num_threads=self.model.runtime.num_threads, signature_key=signature,
-                              desc=f"sensitivity {row.tensor[:40]}")
+                              desc=None)
             _, metrics = output_metrics(run.outputs, reference, subset.labels, task_metric=self.gates.task_metric)
             rows.append({
                 "tensor": row.tensor,

@@ -326,11 +326,12 @@ def int8_comparison(report: ModelReport) -> tuple[list[dict[str, Any]], list[str
         a, b = ours.metrics.get(metric), theirs.metrics.get(metric)
         if a is None or b is None:
             continue
-        scale = 100.0 if metric == "accuracy_drop" else 1.0
-        table.append({"metric": metric, "label": label, "ours": scale * a, "converter": scale * b})
+        if metric == "accuracy_drop":
+            a, b = 100.0 * a, 100.0 * b
+        table.append({"metric": metric, "label": label, "ours": a, "converter": b})
         # Size is shown, not judged: both are int8 models of the same graph.
         if metric != "size_bytes" and (a < b if higher_is_better else a > b):
-            worse.append(f"{label} {_fmt(scale * a)} vs. {_fmt(scale * b)}")
+            worse.append(f"{label} {_fmt(a)} vs. {_fmt(b)}")
     return table, worse
 
 

@@ -122,7 +122,7 @@ class Run:
 
 
 def run_samples(model: bytes, samples: Samples, *, num_threads: int, signature_key: str | None,
-                desc: str = "validate") -> Run:
+                desc: str | None = "validate") -> Run:
     """Run every sample, batched when every input's batch dimension is dynamic."""
     order = list(samples.inputs)
 
