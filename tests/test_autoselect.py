@@ -7,6 +7,7 @@ range then swamps the other units, so only keeping those layers in float recover
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import replace
 
@@ -216,3 +217,26 @@ def test_a_task_metric_budget_needs_a_gate_set_with_a_task_metric(tmp_path):
     with pytest.raises(ConfigError) as caught:
         config.load(tmp_path / "params.yaml")
     assert caught.value.key == "autoselect.digits.max_task_metric_drop"
+
+
+def test_model_explorer_reads_the_sensitivity_overlay_on_the_float_graph(project, monkeypatch):
+    """Model Explorer's own TFLite adapter and node-data classes: every overlay key names an op's
+    output tensor in the graph it draws, so the colours land on the ops that were measured."""
+    adapter = pytest.importorskip("model_explorer.builtin_tflite_flatbuffer_adapter",
+                                  reason="the clients extra (make test installs it)")
+    from model_explorer import node_data_builder as nd
+
+    selection = _select(project, monkeypatch, candidates=["static_wi8_ai8"], algorithms=["min_max_uniform_quantize"],
+                        max_steps=0)
+    overlay = autoselect.model_explorer_overlay(selection.report["sensitivity"][0])
+    data = nd.GraphNodeData(results={k: nd.NodeDataResult(**v) for k, v in overlay["results"].items()},
+                            gradient=[nd.GradientItem(**g) for g in overlay["gradient"]])
+    written = json.loads(data.to_json_string())  # the classes write our JSON (plus their defaults)
+    assert written["results"] == overlay["results"] and written["gradient"] == overlay["gradient"]
+
+    [collection] = adapter.BuiltinTfliteFlatbufferAdapter().convert(str(project[0] / "artifacts/outlier/float.tflite"),
+                                                                     {})["graphCollections"]
+    names = {attr["value"] for graph in collection.graphs for node in graph["nodes"]
+             if node["label"] not in ("GraphInputs", "GraphOutputs", "pseudo_const")
+             for output in node["outputsMetadata"] for attr in output["attrs"] if attr["key"] == "tensor_name"}
+    assert overlay["results"] and set(overlay["results"]) <= names
