@@ -158,12 +158,14 @@ def stage_files(stage: str, key: str, cfg: "PipelineConfig") -> tuple[set[str], 
 
 
 # dvc.yaml ends with the delivered models as DVC artifacts (`dvc artifacts get`, model registry
-# views), written below this line by `compose` from the same builds the stages deliver.
+# views), written below this line by `compose` from the same builds the stages deliver, and
+# again at the end of `run` with their verdicts.
 ARTIFACTS_MARKER = "# --- artifacts: written by `litert-pipeline compose` from the builds (pipeline/layout.py); do not edit"
 
 
-def dvc_artifacts(cfg: "PipelineConfig") -> dict[str, dict]:
-    """One DVC artifact per delivered model, named after its build (`<model>-<variant>`)."""
+def dvc_artifacts(cfg: "PipelineConfig", verdicts: dict[str, str] | None = None) -> dict[str, dict]:
+    """One DVC artifact per delivered model, named after its build (`<model>-<variant>`), with
+    its validation verdict when known (`verdicts` by build name)."""
     entries = [(entry.model, entry.variant) for entry in cfg.build.values()]
     entries += [(model, AUTO_VARIANT) for model in cfg.autoselect]
     artifacts = {}
@@ -181,19 +183,21 @@ def dvc_artifacts(cfg: "PipelineConfig") -> dict[str, dict]:
                 "team": config.team,
                 "registered_model": config.registry_name or f"{config.team}.{model}",
                 "gates": config.validation,
-                # The verdict is the report's, written when the build is validated.
+                # The verdict of the model in the workspace when dvc.yaml was last written (by
+                # `compose` and at the end of `run`); the report holds the details.
+                "validation": (verdicts or {}).get(f"{model}-{variant}", "not built"),
                 "validation_report": BuildPaths.of(model, variant).validation_json.as_posix(),
             },
         }
     return artifacts
 
 
-def with_dvc_artifacts(dvc_yaml: str, cfg: "PipelineConfig") -> str:
+def with_dvc_artifacts(dvc_yaml: str, cfg: "PipelineConfig", verdicts: dict[str, str] | None = None) -> str:
     """`dvc_yaml`'s text with the artifacts section (after ARTIFACTS_MARKER) rewritten for `cfg`."""
     import yaml
 
     stages = dvc_yaml.partition(ARTIFACTS_MARKER)[0]
-    artifacts = dvc_artifacts(cfg)
+    artifacts = dvc_artifacts(cfg, verdicts)
     section = (yaml.safe_dump({"artifacts": artifacts}, sort_keys=False, width=120, default_flow_style=None)
                if artifacts else "")
     return f"{stages.rstrip()}\n\n{ARTIFACTS_MARKER}\n{section}"

@@ -69,12 +69,42 @@ def write_composed(overrides: list[str], conf_dir: str, output: str = config.PAR
     delivered models as dvc.yaml's artifacts. Returns the typed config."""
     write_text(output, config.compose(overrides, conf_dir=conf_dir))
     cfg = config.load(output)
-    if output == config.PARAMS_FILE and DVC_YAML.is_file():
-        text = DVC_YAML.read_text(encoding="utf-8")
-        updated = layout.with_dvc_artifacts(text, cfg)
-        if updated != text:
-            write_text(DVC_YAML, updated)
+    if output == config.PARAMS_FILE:
+        declare_artifacts(cfg)
     return cfg
+
+
+def declare_artifacts(cfg: PipelineConfig) -> None:
+    """dvc.yaml's artifacts section for `cfg`'s builds, each with its current validation verdict."""
+    if not DVC_YAML.is_file():
+        return
+    text = DVC_YAML.read_text(encoding="utf-8")
+    updated = layout.with_dvc_artifacts(text, cfg, {build: verdict for build, verdict, _ in build_verdicts(cfg)})
+    if updated != text:
+        write_text(DVC_YAML, updated)
+
+
+def build_verdicts(cfg: PipelineConfig) -> list[tuple[str, str, layout.BuildPaths]]:
+    """(build, verdict, paths) of every build and auto-selection: passed (unverified), failed, not
+    validated (the report is of an earlier model), not built."""
+    builds = [(b.model, b.variant) for b in cfg.build.values()] + [(m, layout.AUTO_VARIANT) for m in cfg.autoselect]
+    verdicts = []
+    for model, variant in builds:
+        paths = layout.BuildPaths.of(model, variant)
+        try:
+            report = json.loads(paths.validation_json.read_text(encoding="utf-8"))
+            delivered = sha256_path(paths.delivered)
+        except (OSError, ValueError, InputError):
+            verdict = "not built"  # the stages failed before delivering (or validating) it
+        else:
+            if report.get("model_sha256") != delivered:  # a report of an earlier run's model
+                verdict = "not validated"
+            elif report.get("passed"):
+                verdict = "passed" + (" (unverified)" if report.get("verification") == "unverified" else "")
+            else:
+                verdict = "failed"
+        verdicts.append((f"{model}-{variant}", verdict, paths))
+    return verdicts
 
 
 def start(overrides: list[str], conf_dir: str, name: str, kind: str) -> Invocation:
@@ -132,29 +162,15 @@ def finish(invocation: Invocation, *, succeeded: bool, metrics: dict[str, float]
 def summary(cfg: PipelineConfig) -> str:
     """What a run leaves, for a person: each build's verdict, size and file, where the reports
     and the MLflow UI are."""
-    rows, passed = [], 0
-    builds = [(b.model, b.variant) for b in cfg.build.values()] + [(m, layout.AUTO_VARIANT) for m in cfg.autoselect]
-    for model, variant in builds:
-        paths = layout.BuildPaths.of(model, variant)
-        try:
-            report = json.loads(paths.validation_json.read_text(encoding="utf-8"))
-            delivered = sha256_path(paths.delivered)
-        except (OSError, ValueError, InputError):
-            verdict = "not built"  # this run's stages failed before delivering (or validating) it
-        else:
-            if report.get("model_sha256") != delivered:  # a report of an earlier run's model
-                verdict = "not validated"
-            elif report.get("passed"):
-                verdict = "passed" + (" (unverified)" if report.get("verification") == "unverified" else "")
-            else:
-                verdict = "failed"
-        passed += verdict.startswith("passed")
+    rows, verdicts = [], build_verdicts(cfg)
+    for build, verdict, paths in verdicts:
         size = f"{paths.delivered.stat().st_size / 1024:,.1f} KB" if paths.delivered.is_file() else "-"
-        rows.append(f"  {model + '-' + variant:<36} {verdict:<20} {size:>11}  {paths.delivered}")
+        rows.append(f"  {build:<36} {verdict:<20} {size:>11}  {paths.delivered}")
+    passed = sum(verdict.startswith("passed") for _, verdict, _ in verdicts)
     uri = tracking.tracking_uri(cfg.tracking) if cfg.tracking.enabled else None
     ui = (f"{BIN / 'mlflow'} ui --backend-store-uri {uri}" if uri and uri.startswith("sqlite:")
           else tracking.shown(uri) if uri else "tracking is off")
-    return "\n".join([f"builds: {passed} of {len(builds)} passed", *rows,
+    return "\n".join([f"builds: {passed} of {len(verdicts)} passed", *rows,
                       f"reports: {layout.REPORTS}/<model>/<variant>/validation.md, {layout.COMPARISON}/<model>/report.md",
                       f"MLflow: {ui}"])
 

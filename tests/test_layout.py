@@ -129,14 +129,19 @@ def test_the_library_has_no_import_cycle():
             visit(file, [file])
 
 
-def test_the_delivered_models_are_the_dvc_artifacts():
+def test_the_delivered_models_are_the_dvc_artifacts(monkeypatch):
     """dvc.yaml's `artifacts` section is what compose writes for the committed params.yaml: one
-    per delivered model, at the path its metadata stage writes, as DVC reads it."""
+    per delivered model, at the path its metadata stage writes, with the verdict of the model in
+    the workspace ("not built" in a fresh clone), as DVC reads it."""
     from dvc.repo import Repo
 
+    from pipeline import repro
+
+    monkeypatch.chdir(ROOT)
     cfg = config.load(ROOT / "params.yaml")
     text = (ROOT / "dvc.yaml").read_text()
-    assert layout.with_dvc_artifacts(text, cfg) == text, "run `litert-pipeline compose` and commit dvc.yaml"
+    verdicts = {build: verdict for build, verdict, _ in repro.build_verdicts(cfg)}
+    assert layout.with_dvc_artifacts(text, cfg, verdicts) == text, "run `litert-pipeline compose` and commit dvc.yaml"
     with Repo(str(ROOT)) as repo:
         declared = repo.artifacts.read()["dvc.yaml"]
     delivered = {f"{b.model}-{b.variant}": layout.BuildPaths.of(b.model, b.variant).delivered.as_posix()

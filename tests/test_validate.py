@@ -150,7 +150,8 @@ def test_correct_conversion_passes_with_sane_metrics(float_model, data, referenc
     assert metrics["cosine"] > 0.99999 and metrics["snr_db"] > 60
     assert metrics["source_accuracy"] > 0.9 and abs(metrics["accuracy_drop"]) < 1e-9
     assert metrics["size_ratio"] == 1.0 and 0 < metrics["latency_median_ms"] <= metrics["latency_p90_ms"]
-    assert result.report["run"]["signature"] == "serving_default" and result.report["run"]["batch_size"] == 32
+    assert result.report["run"]["signature"] == "serving_default" and result.report["run"]["batch_size"] == 1
+    assert result.report["run"]["outputs_api"] == "CompiledModel" and "outputs_fallback" not in result.report["run"]
     assert result.report["run"]["latency_api"] == "CompiledModel" and "latency_fallback" not in result.report["run"]
     assert result.report["runtime"]["gpu"]["incompatible"] == []
     assert result.report["layer_errors"]["reason"].startswith("not a static integer model")
@@ -204,6 +205,20 @@ def test_unmeasurable_gate_fails(select_ops_model):
     assert result.report["verification"] == "unverified"
 
 
+def test_compiled_model_outputs_are_the_interpreters(float_model, int8_model, data):
+    """Validation reads outputs through the CompiledModel API (one sample at a time) and the
+    interpreter (batched) gives the same numbers, for float and for integer inputs/outputs."""
+    from pipeline.validate.runner import run_samples
+
+    _, evaluation = data
+    for model in (float_model, int8_model):
+        compiled = run_samples(model, evaluation, num_threads=1, signature_key="serving_default", compiled=True)
+        interpreted = run_samples(model, evaluation, num_threads=1, signature_key="serving_default")
+        assert compiled.api == "CompiledModel" and interpreted.api == "Interpreter"
+        for name, values in interpreted.outputs.items():
+            np.testing.assert_allclose(compiled.outputs[name], values, rtol=1e-5, atol=1e-6)
+
+
 def test_latency_falls_back_to_the_interpreter_with_the_reason():
     """A model the CompiledModel API cannot run by name (no signature: a legacy conversion) is
     timed through the interpreter, and the report says so and why."""
@@ -216,6 +231,7 @@ def test_latency_falls_back_to_the_interpreter_with_the_reason():
     result = run_validation(model, model, samples, {"y": np.full((3, 4), 2.0, np.float32)})
     run = result.report["run"]
     assert run["signature"] is None and run["latency_api"] == "Interpreter" and "no signature" in run["latency_fallback"]
+    assert run["outputs_api"] == "Interpreter" and "no signature" in run["outputs_fallback"]
     assert result.report["metrics"]["latency_median_ms"] > 0
 
 
@@ -356,3 +372,15 @@ def test_a_one_value_output_is_compared_as_a_column_not_by_its_sign():
     flipped[0] = -flipped[0]  # one sample's sign: per-sample cosine would be -1 for it
     assert compare(close, reference)["cosine"] > 0.9999
     assert 0.9 < compare(flipped, reference)["cosine"] < 1.0 and compare(flipped, reference)["cosine_min"] > 0.9
+
+
+def test_validate_build_keeps_litert_benchmark_tools_json(float_model):
+    """The wheel's own benchmark tool runs the delivered model (CompiledModel, CPU) in a child
+    process; its JSON results are kept in the report, and a model it cannot run says why."""
+    from pipeline.validate.runner import benchmark_tool
+
+    result = benchmark_tool(float_model, signature="serving_default", num_threads=1, runs=5, warmup=1)
+    assert result["latency"]["num_runs"] == 5 and result["latency"]["median_ms"] >= 0
+    assert result["accelerators"] == ["CPU"] and result["signature"] == "serving_default" and "model" not in result
+    broken = benchmark_tool(b"not a model", signature=None, num_threads=1, runs=1, warmup=1)
+    assert "latency" not in broken and broken["error"]

@@ -28,7 +28,7 @@ from pipeline.validate.layers import LayerError, layer_errors, to_csv
 from pipeline.validate.metrics import GATED_METRICS, check_gates, compare, match_outputs
 from pipeline.validate.report import to_markdown
 from pipeline.validate.clients import image_classifier_check
-from pipeline.validate.runner import latency_ms, run_samples
+from pipeline.validate.runner import benchmark_tool, latency_ms, run_samples
 from pipeline.validate.runtime import check_runtime, is_version
 
 __all__ = ["LayerError", "Validation", "output_metrics", "payload_size", "to_csv", "to_markdown", "validate", "validate_build"]
@@ -69,6 +69,7 @@ def validate(
     signature_key: str | None = "serving_default",
     name: str = "model",
     metadata: MetadataConfig | None = None,
+    run_benchmark_tool: bool = False,
 ) -> Validation:
     """Measure `model` on the evaluation `samples` against the source's `reference` outputs.
 
@@ -98,7 +99,7 @@ def validate(
     else:
         try:
             run = run_samples(model, samples, num_threads=runtime.num_threads, signature_key=signature_key,
-                              desc=f"validate {name}")
+                              desc=f"validate {name}", compiled=True)
         except (RuntimeError, ValueError) as exc:  # the interpreter's errors (unresolved ops, shapes...)
             reason = f"the model does not run in the LiteRT interpreter: {first_line(exc)}"
             run_report["error"] = reason
@@ -118,7 +119,13 @@ def validate(
             latency = latency_ms(run.runner, samples.sample(0), model=model, num_threads=runtime.num_threads,
                                  runs=gates.latency_runs, warmup=gates.warmup_runs)
             metrics["latency_median_ms"], metrics["latency_p90_ms"] = latency.median_ms, latency.p90_ms
-            run_report.update(outputs_api="Interpreter", latency_api=latency.api,
+            if run.fallback_reason:
+                run_report["outputs_fallback"] = run.fallback_reason
+            if run_benchmark_tool:  # LiteRT's own latency numbers, beside ours
+                run_report["benchmark_tool"] = benchmark_tool(model, signature=run.runner.signature,
+                                                              num_threads=runtime.num_threads,
+                                                              runs=gates.latency_runs, warmup=gates.warmup_runs)
+            run_report.update(outputs_api=run.api, latency_api=latency.api,
                               **({"latency_fallback": latency.fallback_reason} if latency.fallback_reason else {}))
             if metadata is not None:  # does a real client read the metadata as meant?
                 clients.append(image_classifier_check(model, run.runner, samples.inputs, metadata, len(run.outputs)))
@@ -234,6 +241,7 @@ def validate_build(build: Build, model_path: str | Path) -> Validation:
         signature_key=served_signature(model.config.source),
         name=model.name,
         metadata=model.config.metadata,
+        run_benchmark_tool=True,
     )
     context = {"build": build.name, "variant": build.variant_name, "model_path": str(model_path)}
     return replace(result, report={**context, **result.report})

@@ -47,7 +47,9 @@ def to_markdown(report: dict[str, Any]) -> str:
         lines += [f"Not measured: {run['error']}.", ""]
     else:
         lines += [
-            f"Signature `{run['signature']}`, batch size {run['batch_size']}"
+            f"Outputs through LiteRT's {run.get('outputs_api', 'Interpreter')}"
+            + (f" (CompiledModel: {run['outputs_fallback']})" if run.get("outputs_fallback") else "")
+            + f", signature `{run['signature']}`, batch size {run['batch_size']}"
             + (" (outputs depend on the batch: evaluated one sample at a time, as on device)"
                if run["batch_dependent"] else "")
             + ". Cosine is the mean of per-sample cosines (worst sample alongside); SNR is global.",
@@ -72,6 +74,16 @@ def to_markdown(report: dict[str, Any]) -> str:
         [[metrics["size_bytes"], metrics.get("payload_bytes"), metrics.get("float_payload_bytes"),
           metrics["size_ratio"], metrics.get("latency_median_ms"), metrics.get("latency_p90_ms")]],
     )
+    if run.get("latency_api"):
+        lines += [f"Latency: single-sample runs through {run['latency_api']}"
+                  + (f" (CompiledModel: {run['latency_fallback']})" if run.get("latency_fallback") else "") + ".", ""]
+    tool = run.get("benchmark_tool")
+    if tool:
+        lines += ([f"LiteRT's benchmark tool (`{tool['tool']}`): " + (
+            f"median {tool['latency']['median_ms']} ms, p95 {tool['latency']['p95_ms']} ms over "
+            f"{tool['latency']['num_runs']} runs on {', '.join(tool.get('accelerators', []))}; init "
+            f"{tool['latency']['init_ms']} ms (all in `validation.json`)."
+            if "latency" in tool else f"did not run: {tool.get('error')}."), ""])
 
     lines += [f"## Target runtime `{runtime['kind']}`", ""]
     lines += _table(["op", "kind", "version"], [[op["name"], op["kind"], op["version"]] for op in runtime["ops"]])

@@ -7,8 +7,13 @@ outputs are dequantized; native integer and bool inputs (token ids, masks) pass 
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -119,17 +124,29 @@ class Run:
     # Outputs depend on the other samples in the batch (e.g. BatchNormalization run in
     # training mode): such a model was evaluated one sample at a time, as on device.
     batch_dependent: bool
+    api: str = "Interpreter"  # what computed the outputs: "CompiledModel" or "Interpreter"
+    fallback_reason: str | None = None  # why not the CompiledModel, when it was asked for
 
 
 def run_samples(model: bytes, samples: Samples, *, num_threads: int, signature_key: str | None,
-                desc: str | None = "validate") -> Run:
-    """Run every sample, batched when every input's batch dimension is dynamic."""
+                desc: str | None = "validate", compiled: bool = False) -> Run:
+    """Run every sample: through LiteRT's CompiledModel on CPU, one sample at a time, when
+    `compiled` and it runs the model with the interpreter's outputs on the first sample; else
+    through the interpreter, batched when every input's batch dimension is dynamic."""
     order = list(samples.inputs)
 
     def new_runner() -> ModelRunner:
         return ModelRunner(model, num_threads=num_threads, signature_key=signature_key, input_order=order)
 
     runner = new_runner()
+    fallback = None
+    if compiled:
+        try:
+            outputs = _compiled_outputs(model, runner, samples, num_threads, desc=desc)
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:  # what the LiteRT bindings raise
+            fallback = first_line(exc)
+        else:
+            return Run(outputs, runner, 1, False, "CompiledModel")
     batch_size = min(BATCH_SIZE, len(samples)) if runner.batch_resizable else 1
     batch_dependent = False
     if batch_size > 1:
@@ -144,7 +161,20 @@ def run_samples(model: bytes, samples: Samples, *, num_threads: int, signature_k
             batch_dependent = not all(_close(batched[name], single[name]) for name in batched)
             batch_size = 1 if batch_dependent else batch_size
     outputs = runner.run(samples, batch_size, desc=desc)
-    return Run(outputs, runner, batch_size, batch_dependent)
+    return Run(outputs, runner, batch_size, batch_dependent, "Interpreter", fallback)
+
+
+def _compiled_outputs(model: bytes, runner: ModelRunner, samples: Samples, num_threads: int, *,
+                      desc: str | None) -> Feed:
+    """Every sample's float outputs through one CompiledModel (CPU), a sample at a time at the
+    buffers' own shapes (resizing them is not safe in ai-edge-litert 2.3)."""
+    first = runner.to_inputs(samples.sample(0))
+    invoke = _compiled_invoke(model, runner.signature, first, runner.invoke(first), num_threads)
+    chunks: dict[str, list[np.ndarray]] = {}
+    for index in tqdm(range(len(samples)), desc=desc, unit="sample", leave=False, disable=desc is None):
+        for name, value in invoke(runner.to_inputs(samples.sample(index))).items():
+            chunks.setdefault(name, []).append(_dequantize(value, runner.output_details[name]))
+    return {name: np.concatenate(values) for name, values in chunks.items()}
 
 
 def _close(batched: np.ndarray, single: np.ndarray) -> bool:
@@ -169,8 +199,8 @@ def latency_ms(runner: ModelRunner, sample: Feed, *, model: bytes, num_threads: 
     model_inputs = runner.to_inputs(sample)
     expected = runner.invoke(model_inputs)  # also the reallocation at batch size 1
     try:
-        invoke = _compiled_invoke(model, runner.signature, model_inputs, expected, num_threads)
-        api, reason = "CompiledModel", None
+        compiled = _compiled_invoke(model, runner.signature, model_inputs, expected, num_threads)
+        invoke, api, reason = (lambda: compiled(read=False)), "CompiledModel", None
     except (RuntimeError, ValueError, KeyError, TypeError) as exc:  # what the LiteRT bindings raise
         invoke, api, reason = (lambda: runner.invoke(model_inputs)), "Interpreter", first_line(exc)
     for _ in range(max(warmup, 1)):
@@ -184,8 +214,10 @@ def latency_ms(runner: ModelRunner, sample: Feed, *, model: bytes, num_threads: 
 
 
 def _compiled_invoke(model: bytes, signature: str | None, model_inputs: Feed, expected: Feed,
-                     num_threads: int) -> Callable[[], None]:
-    """A CompiledModel (CPU) invoke on `model_inputs`, once checked against `expected`."""
+                     num_threads: int) -> Callable[..., Feed]:
+    """A CompiledModel (CPU) call, once checked against `expected` on `model_inputs`: it writes
+    the inputs it is given (none: the last ones again), runs, and reads the outputs (unless
+    `read=False`, for timing the run alone)."""
     from ai_edge_litert.compiled_model import CompiledModel
     from ai_edge_litert.cpu_options import CpuOptions
     from ai_edge_litert.options import Options
@@ -200,19 +232,51 @@ def _compiled_invoke(model: bytes, signature: str | None, model_inputs: Feed, ex
         wanted = buffer.get_tensor_details()
         if list(wanted["shape"]) != list(model_inputs[name].shape):
             raise ValueError(f"input '{name}' has shape {wanted['shape']}, the sample {list(model_inputs[name].shape)}")
-        buffer.write(model_inputs[name])
-
-    def invoke() -> None:
-        compiled.run_by_name(signature, inputs, outputs)
-
-    invoke()
     for name, buffer in outputs.items():
-        details = buffer.get_tensor_details()
-        want = expected[name]
-        if list(details["shape"]) != list(want.shape):
-            raise ValueError(f"output '{name}' has shape {details['shape']}, the interpreter's {list(want.shape)}")
-        got = buffer.read(want.size, want.dtype).reshape(want.shape)
-        if not np.allclose(got.astype(np.float64), want.astype(np.float64), rtol=1e-4,
+        if list(buffer.get_tensor_details()["shape"]) != list(expected[name].shape):
+            raise ValueError(f"output '{name}' has shape {buffer.get_tensor_details()['shape']}, the "
+                             f"interpreter's {list(expected[name].shape)}")
+    layout = {name: (value.shape, value.dtype) for name, value in expected.items()}
+
+    def invoke(feed: Feed | None = None, *, read: bool = True) -> Feed:
+        if feed is not None:
+            for name, buffer in inputs.items():
+                buffer.write(np.ascontiguousarray(feed[name]))
+        compiled.run_by_name(signature, inputs, outputs)
+        if not read:
+            return {}
+        return {name: outputs[name].read(int(np.prod(shape)), dtype).reshape(shape)
+                for name, (shape, dtype) in layout.items()}
+
+    got = invoke(model_inputs)
+    for name, want in expected.items():
+        if not np.allclose(got[name].astype(np.float64), want.astype(np.float64), rtol=1e-4,
                            atol=1e-5 * max(float(np.max(np.abs(want), initial=0.0)), 1.0)):
             raise ValueError(f"output '{name}' differs from the interpreter's")
     return invoke  # its closure keeps the model and its buffers alive
+
+
+BENCHMARK_TOOL = "ai_edge_litert.tools.benchmark_litert_model"
+BENCHMARK_TIMEOUT_SECONDS = 300
+
+
+def benchmark_tool(model: bytes, *, signature: str | None, num_threads: int, runs: int, warmup: int) -> dict[str, Any]:
+    """LiteRT's own benchmark tool from the ai-edge-litert wheel (CompiledModel on CPU, its
+    own input values), in a child process: its JSON results, or why there are none."""
+    with tempfile.TemporaryDirectory(prefix="litert-benchmark-") as folder:
+        model_file, result_file = Path(folder) / "model.tflite", Path(folder) / "result.json"
+        model_file.write_bytes(model)
+        command = [sys.executable, "-m", BENCHMARK_TOOL, f"--model={model_file}", f"--num_threads={num_threads}",
+                   f"--num_runs={max(runs, 1)}", f"--warmup_runs={max(warmup, 1)}", f"--result_json={result_file}"]
+        if signature:
+            command.append(f"--signature={signature}")
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=BENCHMARK_TIMEOUT_SECONDS)
+        except subprocess.TimeoutExpired:
+            return {"tool": BENCHMARK_TOOL, "error": f"timed out after {BENCHMARK_TIMEOUT_SECONDS} s"}
+        if done.returncode != 0 or not result_file.exists():
+            lines = [line for line in (done.stderr + done.stdout).splitlines() if "ERROR" in line or "Error" in line]
+            return {"tool": BENCHMARK_TOOL, "error": (lines[-1] if lines else f"exit code {done.returncode}")[:500]}
+        result = json.loads(result_file.read_text())
+    result.pop("model", None)  # the temporary file's path
+    return {"tool": BENCHMARK_TOOL, **result}
