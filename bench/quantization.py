@@ -37,30 +37,76 @@ def run_every_example(project: Path) -> int:
     return subprocess.run([str(BIN / "litert-pipeline"), "run", f"model=[{models}]"], cwd=project, env=env).returncode
 
 
-def quantizer_default(build) -> dict[str, Any]:
-    """`static_wi8_ai8` with the quantizer's own calibration (its default moving average), the
-    pipeline's float inputs and outputs, measured as the validate stage measures."""
-    from litert_quantizer import recipe as recipes
+def _static(build, recipe: list, *, samples=None, default_calibration: bool = False) -> dict[str, Any]:
+    """`recipe` (with the pipeline's float inputs and outputs) calibrated on the build's
+    representative samples (or `samples`), measured as the validate stage measures."""
     from litert_quantizer.quantizer import Quantizer
 
     from pipeline import steps
     from pipeline.evaluate import load_reference
     from pipeline.io import read_bytes
     from pipeline.quantize.litert import _io_entries, _signatures_fed
+    from pipeline.quantize.selective import quantize_with_recipe
+    from pipeline.quantize.litert import calibrate_recipe
     from pipeline.sources import served_signature
     from pipeline.validate import validate
 
     model = build.model
     float_model = read_bytes(model.paths.float_model)
-    samples = steps.representative_samples(build, float_model)
-    quantizer = Quantizer(float_model, recipes.static_wi8_ai8() + _io_entries(build.variant))
-    signatures = _signatures_fed(float_model, samples, key="bench")
-    qsvs = quantizer.calibrate({s: [samples.sample(i) for i in range(len(samples))] for s in signatures})
-    quantized = bytes(quantizer.quantize(qsvs).quantized_model)
+    samples = samples if samples is not None else steps.representative_samples(build, float_model)
+    if default_calibration:  # the quantizer's own Calibrator: a moving average of each sample's range
+        quantizer = Quantizer(float_model, recipe + _io_entries(build.variant))
+        signatures = _signatures_fed(float_model, samples, key="bench")
+        qsvs = quantizer.calibrate({s: [samples.sample(i) for i in range(len(samples))] for s in signatures})
+        quantized = bytes(quantizer.quantize(qsvs).quantized_model)
+    else:
+        statistics = calibrate_recipe(float_model, recipe, build.variant, samples, key="bench")
+        quantized = quantize_with_recipe(float_model, build.variant, recipe, statistics=statistics, key="bench").model
     evaluation, reference = load_reference(model.paths.reference)
     result = validate(quantized, float_model=float_model, samples=evaluation, reference=reference, gates=build.gates,
                       runtime=model.runtime, signature_key=served_signature(model.config.source), name=model.name)
     return result.report["metrics"]
+
+
+def recipe_choices(build) -> dict[str, dict[str, Any]]:
+    """`static_wi8_ai8` changed one choice at a time: what each costs on this model."""
+    import copy
+
+    from litert_quantizer import recipe as recipes
+
+    from pipeline import steps
+    from pipeline.io import read_bytes
+    from pipeline.quantize.selective import with_algorithm
+
+    base = recipes.static_wi8_ai8()
+
+    def changed(**activation_or_weight) -> list:
+        recipe = copy.deepcopy(base)
+        for entry in recipe:
+            for key, value in activation_or_weight.items():
+                tensor, field_name = key.split("__")
+                entry["op_config"][f"{tensor}_tensor_config"][field_name] = value
+        return recipe
+
+    float_model = read_bytes(build.model.paths.float_model)
+    few = steps.representative_samples(build, float_model).take(slice(0, 25))
+    choices = {
+        "default (full-range min/max)": lambda: _static(build, base),
+        "quantizer's moving-average calibration": lambda: _static(build, base, default_calibration=True),
+        "25 calibration samples": lambda: _static(build, base, samples=few),
+        "symmetric activations": lambda: _static(build, changed(activation__symmetric=True)),
+        "per-tensor weights": lambda: _static(build, changed(weight__granularity="TENSORWISE")),
+        "MSE": lambda: _static(build, with_algorithm(base, "MSE")),
+        "GPTQ": lambda: _static(build, with_algorithm(base, "GPTQ")),
+    }
+    results = {}
+    for name, measure_choice in choices.items():
+        try:
+            metrics = measure_choice()
+            results[name] = {m: metrics.get(m) for m in METRICS}
+        except Exception as exc:  # a bench row says why it is missing
+            results[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    return results
 
 
 def measure(project: Path) -> dict[str, Any]:
@@ -83,12 +129,10 @@ def measure(project: Path) -> dict[str, Any]:
             row["auto"]["pick"] = validations["auto"].get("selected_variant")
         build_name = f"{name}-static_wi8_ai8"
         if build_name in cfg.build:
-            try:
-                metrics = quantizer_default(resolve_build(cfg, build_name))
-                row["quantizer_default"] = {m: metrics.get(m) for m in METRICS}
-            except Exception as exc:  # a bench row says why it is missing
-                row["quantizer_default"] = {"error": f"{type(exc).__name__}: {exc}"}
+            row["choices"] = recipe_choices(resolve_build(cfg, build_name))
+            row["quantizer_default"] = row["choices"]["quantizer's moving-average calibration"]
         results[name] = row
+        print(name, json.dumps(row), flush=True)
     return results
 
 
@@ -114,6 +158,25 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def choices_markdown(results: dict[str, Any]) -> str:
+    """SNR (dB) and accuracy drop (pt) of each recipe choice, one row per model."""
+    names = next((list(row["choices"]) for row in results.values() if "choices" in row), [])
+    lines = ["| model | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for model, row in results.items():
+        if "choices" not in row:
+            continue
+        cells = []
+        for name in names:
+            choice = row["choices"][name]
+            if "error" in choice:
+                cells.append("failed")
+            else:
+                drop = choice.get("accuracy_drop")
+                cells.append(f"{fmt(choice.get('snr_db'))} dB" + (f", {fmt(drop, 100.0)} pt" if drop is not None else ""))
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--project", type=Path, help="a project where every example already ran")
@@ -126,8 +189,11 @@ def main() -> None:
                                 text=True).stdout.strip()
         results = {"commit": commit, "models": measure(project)}
     (ROOT / "bench" / "quantization.json").write_text(json.dumps(results, indent=2) + "\n")
-    (ROOT / "bench" / "quantization.md").write_text(markdown(results["models"]))
-    print(markdown(results["models"]))
+    text = (f"Commit `{results['commit']}`.\n\n" + markdown(results["models"])
+            + "\nWhat each recipe choice costs (`static_wi8_ai8` with one choice changed; SNR, accuracy drop):\n\n"
+            + choices_markdown(results["models"]))
+    (ROOT / "bench" / "quantization.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":
