@@ -27,6 +27,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     invocation = repro.start(args.overrides, args.conf, args.name, kind="repro")
     with repro.ended_on_failure(invocation):
         code = repro.reproduce(*args.targets, verbose=args.verbose)
+        repro.upload_deferred(invocation)
     repro.finish(invocation, succeeded=code == 0)  # with the report stages' comparison of the variants
     repro.declare_artifacts(invocation.cfg)  # with this run's verdicts
     print(repro.summary(invocation.cfg))

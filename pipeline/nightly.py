@@ -165,6 +165,7 @@ def run_nightly(overrides: list[str], conf_dir: str, name: str, *, verbose: bool
 def _nightly(invocation: repro.Invocation, name: str, started: str, verbose: bool) -> int:
     cfg = invocation.cfg
     repro_code = repro.reproduce(verbose=verbose)  # --keep-going: every build gets a verdict, not just the first failure
+    repro.upload_deferred(invocation)  # the stages' runs and registrations, before comparing with production
     repro.declare_artifacts(cfg)  # dvc.yaml's artifacts with this run's verdicts
     stale, graph = repro.stale_stages(), repro.stage_graph()
     builds = {name: resolve_build(cfg, name) for name in cfg.build}

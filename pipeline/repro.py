@@ -114,6 +114,7 @@ def start(overrides: list[str], conf_dir: str, name: str, kind: str) -> Invocati
     parent = tracking.start_parent_run(cfg.tracking, name, {"kind": kind})
     os.environ.pop(tracking.PARENT_ENV, None)
     os.environ.pop(tracking.OFFLINE_ENV, None)
+    tracking.move_deferred_to_pending()  # an interrupted invocation's records: uploaded below, like the queue
     invocation = Invocation(cfg, parent)
     if parent:
         os.environ[tracking.PARENT_ENV] = parent
@@ -149,6 +150,26 @@ def ended_on_failure(invocation: Invocation) -> Iterator[None]:
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def upload_deferred(invocation: Invocation) -> None:
+    """Log what the stages of this invocation recorded (runs, metrics, artifacts, registry
+    versions), in this one process; without a server they join the queue for `sync`."""
+    cfg = invocation.cfg
+    if not tracking.pending(tracking.DEFERRED_DIR):
+        return
+    if invocation.parent is None:  # tracking.required is false and MLflow was unreachable at the start
+        count = tracking.move_deferred_to_pending()
+        print(f"warning: MLflow was unreachable: {count} record(s) queued for `litert-pipeline sync`", file=sys.stderr)
+        return
+    try:
+        tracking.sync(cfg.tracking, invocation.parent, folder=tracking.DEFERRED_DIR)
+    except TrackingError as exc:  # lost the server: what is left waits for `sync` or the next run
+        count = tracking.move_deferred_to_pending()
+        if cfg.tracking.required:
+            raise
+        print(f"warning: {exc.one_line()}: {count} record(s) queued for `litert-pipeline sync` "
+              "(tracking.required is false)", file=sys.stderr)
 
 
 def finish(invocation: Invocation, *, succeeded: bool, metrics: dict[str, float] | None = None,
@@ -238,9 +259,11 @@ def dvc(*args: str, env: dict[str, str] | None = None, verbose: bool = True) -> 
 
 def reproduce(*targets: str, verbose: bool = False) -> int:
     """`dvc repro --keep-going`: one failing build does not stop the others. Returns 0, or the
-    most severe documented exit code among the stages that failed (never DVC's own 255)."""
+    most severe documented exit code among the stages that failed (never DVC's own 255).
+    The stages defer their tracking records: `upload_deferred` logs them afterwards."""
     with tempfile.TemporaryDirectory(prefix="litert-outcomes-") as folder:
-        code = dvc("repro", "--keep-going", *targets, env={OUTCOMES_ENV: folder}, verbose=verbose)
+        code = dvc("repro", "--keep-going", *targets, env={OUTCOMES_ENV: folder, tracking.DEFER_ENV: "1"},
+                   verbose=verbose)
         outcomes = [_outcome(path) for path in sorted(Path(folder).glob("*.json"))]
     if code == 0:
         return EXIT_OK

@@ -48,6 +48,11 @@ OFFLINE_ENV = "LITERT_TRACKING_OFFLINE"
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlruns"
 PENDING_DIR = Path(".litert/pending")
+# Set by `run` and `nightly` for their `dvc repro`: stage processes then save their records
+# here instead of logging them (no MLflow import in any stage: 2.4-4.7 s each on these
+# machines), and the invoking process uploads them all, once, when the stages are done.
+DEFER_ENV = "LITERT_TRACKING_DEFER"
+DEFERRED_DIR = Path(".litert/deferred")
 MODEL_FOLDER = "model"  # the run artifact folder a registered version points at
 BATCH_LIMIT = 100  # MLflow takes at most 100 params or tags per log_batch request
 
@@ -331,6 +336,9 @@ def log_stage(tracking: TrackingConfig, record: StageRecord) -> str | None:
     tracking is off or the record was queued for `sync`."""
     if not tracking.enabled:
         return None
+    if os.environ.get(DEFER_ENV):
+        queue(record, DEFERRED_DIR)
+        return None
     doing = f"logging {record.stage} of {record.model}/{record.variant}"
     if os.environ.get(OFFLINE_ENV) and not tracking.required:
         _queue_with_warning(record, "MLflow was unreachable when this invocation started")
@@ -568,11 +576,20 @@ def _log_invocation(client: Any, record: StageRecord) -> str:
 # --- offline queue --------------------------------------------------------------------------
 
 
-def pending() -> list[Path]:
+def pending(folder: Path = PENDING_DIR) -> list[Path]:
     """Queued records, oldest first (temporary folders of unfinished writes start with '.')."""
-    if not PENDING_DIR.is_dir():
+    if not folder.is_dir():
         return []
-    return sorted(p for p in PENDING_DIR.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def move_deferred_to_pending() -> int:
+    """Deferred records that were not uploaded join the queue `sync` (and the next run) uploads."""
+    entries = pending(DEFERRED_DIR)
+    for entry in entries:
+        PENDING_DIR.mkdir(parents=True, exist_ok=True)
+        os.replace(entry, PENDING_DIR / entry.name)  # one file system: a rename
+    return len(entries)
 
 
 def _queue_with_warning(record: StageRecord, reason: str) -> None:
@@ -580,13 +597,13 @@ def _queue_with_warning(record: StageRecord, reason: str) -> None:
     log.warning("warning: %s; tracking.required is false: queued in %s for `litert-pipeline sync`", reason, entry)
 
 
-def queue(record: StageRecord) -> Path:
+def queue(record: StageRecord, folder: Path = PENDING_DIR) -> Path:
     """Save a record and copies of its files, so `sync` uploads what this stage produced even
     if a later run overwrites the files."""
     files = [str(p) for p in record.artifacts]
     if record.registration is not None:
         files += [record.registration.model_file, record.registration.report_file]
-    entry = PENDING_DIR / f"{time.time_ns()}-{os.getpid()}-{record.stage}-{record.model}-{record.variant}"
+    entry = folder / f"{time.time_ns()}-{os.getpid()}-{record.stage}-{record.model}-{record.variant}"
     with atomic_path(entry) as staged:
         staged.mkdir()
         copies: dict[str, str] = {}
@@ -627,13 +644,13 @@ def _load(entry: Path) -> StageRecord:
 REJECTED_DIR = Path(".litert/rejected")
 
 
-def sync(tracking: TrackingConfig, parent: str | None) -> int:
+def sync(tracking: TrackingConfig, parent: str | None, folder: Path = PENDING_DIR) -> int:
     """Upload queued records, oldest first; records made without a parent run join `parent`.
     A record the server refuses, or that cannot be read, is set aside under .litert/rejected/
     with its reason (kept, never deleted) and the others go on. An unreachable server stops
     the upload (TrackingError), keeping what is left. Returns how many went up."""
     uploaded = 0
-    for entry in pending():
+    for entry in pending(folder):
         try:
             record = _load(entry)
             if record.stage == INVOCATION_STAGE and not record.parent:

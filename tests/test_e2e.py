@@ -6,6 +6,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -109,6 +110,32 @@ def test_mlflow_has_one_run_per_build_with_size_and_model(repro):
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         names = [a.path for a in client.list_artifacts(run.info.run_id, "quantize")]
         assert f"quantize/{variant}.tflite" in names
+    # The stages deferred their records and `run` uploaded them: every passing build has a
+    # registry version, and the auto-selection's run has its trail and sensitivity plot.
+    versions = client.search_model_versions("name = 'vision.digits'")
+    assert {v.tags["litert.variant"] for v in versions} >= set(by_variant)
+    assert {"autoselect/autoselect.md", "autoselect/sensitivity.png"} <= {
+        a.path for a in client.list_artifacts(auto.info.run_id, "autoselect")}
+    assert not list((repro / ".litert" / "deferred").glob("*")) and not list((repro / ".litert" / "pending").glob("*"))
+
+
+def test_no_stage_process_imports_mlflow_under_run(repro, tmp_path):
+    """Under `run`, every kind of stage defers its tracking record instead of logging it: no
+    stage process imports MLflow (`python -X importtime` lists every module a process imports)."""
+    import shutil
+
+    project = tmp_path / "project"
+    shutil.copytree(repro, project, ignore=shutil.ignore_patterns(".dvc", ".git", "mlruns", "mlflow.db"))
+    env = {**ENV, "LITERT_TRACKING_DEFER": "1"}
+    for stage, key in (("convert", "digits"), ("representative", "digits"), ("quantize", "digits-static_wi8_ai8"),
+                       ("metadata", "digits-static_wi8_ai8"), ("validate", "digits-static_wi8_ai8"),
+                       ("autoselect", "digits"), ("report", "digits")):
+        result = subprocess.run([sys.executable, "-X", "importtime", "-m", f"stages.{stage}", key], cwd=project,
+                                env={**os.environ, **env}, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-2000:]
+        imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+        assert not {module for module in imported if module.split(".")[0] == "mlflow"}, stage
+    assert len(list((project / ".litert" / "deferred").iterdir())) >= 5  # the records, saved for `run` to upload
 
 
 def test_second_repro_runs_nothing_and_status_is_clean(repro):
