@@ -26,7 +26,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     invocation = repro.start(args.overrides, args.conf, args.name, kind="repro")
     with repro.ended_on_failure(invocation):
-        code = repro.reproduce(*args.targets, verbose=args.verbose)
+        if args.jobs > 1 and not args.targets:
+            from pipeline import parallel
+
+            code = parallel.reproduce(invocation.cfg, args.jobs, verbose=args.verbose)
+        else:
+            code = repro.reproduce(*args.targets, verbose=args.verbose)
         repro.upload_deferred(invocation)
     repro.finish(invocation, succeeded=code == 0)  # with the report stages' comparison of the variants
     repro.declare_artifacts(invocation.cfg)  # with this run's verdicts
@@ -66,7 +71,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_nightly(args: argparse.Namespace) -> int:
     from pipeline import nightly
 
-    return nightly.run_nightly(args.overrides, args.conf, args.name, verbose=args.verbose)
+    return nightly.run_nightly(args.overrides, args.conf, args.name, verbose=args.verbose, jobs=args.jobs)
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
@@ -134,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--conf", default="conf")
     run.add_argument("--target", dest="targets", action="append", default=[], help="dvc repro target (repeatable)")
     run.add_argument("--name", default="pipeline", help="name of the MLflow parent run")
+    run.add_argument("-j", "--jobs", type=int, default=1, choices=range(1, 65), metavar="N",
+                     help="build up to N models at once (local workers sharing DVC's run-cache; default 1)")
     run.add_argument("-v", "--verbose", action="store_true", help="show native libraries' log lines too")
     run.set_defaults(func=cmd_run)
 
@@ -164,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     nightly.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. 'model=[digits]'")
     nightly.add_argument("--conf", default="conf")
     nightly.add_argument("--name", default="nightly", help="name of the MLflow parent run")
+    nightly.add_argument("-j", "--jobs", type=int, default=1, choices=range(1, 65), metavar="N",
+                         help="build up to N models at once (as `run -j N`)")
     nightly.add_argument("-v", "--verbose", action="store_true", help="show native libraries' log lines too")
     nightly.set_defaults(func=cmd_nightly)
 

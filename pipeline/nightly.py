@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pipeline import registry, repro, tracking
+from pipeline import parallel, registry, repro, tracking
 from pipeline.build import Build, resolve_build
 from pipeline.config import PipelineConfig
 from pipeline.errors import EXIT_GATE, EXIT_OK, TrackingError, most_severe
@@ -155,16 +155,17 @@ def _cell(value: Any) -> str:
     return f"{value:.6g}" if isinstance(value, (int, float)) else "—"
 
 
-def run_nightly(overrides: list[str], conf_dir: str, name: str, *, verbose: bool = False) -> int:
+def run_nightly(overrides: list[str], conf_dir: str, name: str, *, verbose: bool = False, jobs: int = 1) -> int:
     started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     invocation = repro.start(overrides, conf_dir, name, kind="nightly")
     with repro.ended_on_failure(invocation):
-        return _nightly(invocation, name, started, verbose)
+        return _nightly(invocation, name, started, verbose, jobs)
 
 
-def _nightly(invocation: repro.Invocation, name: str, started: str, verbose: bool) -> int:
+def _nightly(invocation: repro.Invocation, name: str, started: str, verbose: bool, jobs: int) -> int:
     cfg = invocation.cfg
-    repro_code = repro.reproduce(verbose=verbose)  # --keep-going: every build gets a verdict, not just the first failure
+    # --keep-going: every build gets a verdict, not just the first failure
+    repro_code = (parallel.reproduce(cfg, jobs, verbose=verbose) if jobs > 1 else repro.reproduce(verbose=verbose))
     repro.upload_deferred(invocation)  # the stages' runs and registrations, before comparing with production
     repro.declare_artifacts(cfg)  # dvc.yaml's artifacts with this run's verdicts
     stale, graph = repro.stale_stages(), repro.stage_graph()

@@ -196,7 +196,7 @@ def summary(cfg: PipelineConfig) -> str:
                       f"MLflow: {ui}"])
 
 
-def _env() -> dict[str, str]:
+def dvc_env() -> dict[str, str]:
     # DVC runs from this interpreter's environment, so stages use the same Python.
     return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
 
@@ -227,7 +227,7 @@ def _forward_without_native_logs(source: int, target: BinaryIO) -> None:
     os.close(source)
 
 
-def dvc(*args: str, env: dict[str, str] | None = None, verbose: bool = True) -> int:
+def dvc(*args: str, env: dict[str, str] | None = None, verbose: bool = True, cwd: Path | None = None) -> int:
     """Run a DVC command with its output shown (without native libraries' log lines unless
     `verbose`); return its exit code. Interrupted, DVC gets a SIGINT (it stops the stage it
     runs and leaves no lock behind) before it is killed."""
@@ -238,7 +238,7 @@ def dvc(*args: str, env: dict[str, str] | None = None, verbose: bool = True) -> 
                                      daemon=True)
         forwarder.start()
     try:
-        process = subprocess.Popen([str(BIN / "dvc"), *args], env={**_env(), **(env or {})}, stderr=stderr)
+        process = subprocess.Popen([str(BIN / "dvc"), *args], env={**dvc_env(), **(env or {})}, stderr=stderr, cwd=cwd)
     finally:
         if stderr is not None:
             os.close(stderr)  # the child holds its own copy: the forwarder ends when the child does
@@ -264,7 +264,7 @@ def reproduce(*targets: str, verbose: bool = False) -> int:
     with tempfile.TemporaryDirectory(prefix="litert-outcomes-") as folder:
         code = dvc("repro", "--keep-going", *targets, env={OUTCOMES_ENV: folder, tracking.DEFER_ENV: "1"},
                    verbose=verbose)
-        outcomes = [_outcome(path) for path in sorted(Path(folder).glob("*.json"))]
+        outcomes = [read_outcome(path) for path in sorted(Path(folder).glob("*.json"))]
     if code == 0:
         return EXIT_OK
     return summarize_failures(outcomes, failed_stages())
@@ -295,7 +295,7 @@ def failed_stages() -> set[str]:
     return {stage for stage in stale if not (graph.get(stage, set()) & stale)}
 
 
-def _outcome(path: Path) -> dict:
+def read_outcome(path: Path) -> dict:
     try:
         outcome = json.loads(path.read_text(encoding="utf-8"))
         return {"stage": str(outcome["stage"]), "exit_code": int(outcome["exit_code"]), "message": str(outcome["message"])}
@@ -303,9 +303,9 @@ def _outcome(path: Path) -> dict:
         return {"stage": path.stem, "exit_code": EXIT_INTERNAL, "message": "its outcome record is unreadable"}
 
 
-def stage_graph() -> dict[str, set[str]]:
+def stage_graph(cwd: Path | None = None) -> dict[str, set[str]]:
     """Each stage's direct upstream stages, from `dvc dag --dot`."""
-    result = subprocess.run([str(BIN / "dvc"), "dag", "--dot"], capture_output=True, text=True, env=_env())
+    result = subprocess.run([str(BIN / "dvc"), "dag", "--dot"], capture_output=True, text=True, env=dvc_env(), cwd=cwd)
     if result.returncode != 0:
         raise InputError(f"dvc dag failed: {' '.join(result.stderr.split())[:300]}", file="dvc.yaml")
     graph: dict[str, set[str]] = {}
@@ -325,9 +325,10 @@ def ancestors(graph: dict[str, set[str]], stage: str) -> set[str]:
     return found
 
 
-def stale_stages() -> set[str]:
+def stale_stages(cwd: Path | None = None) -> set[str]:
     """Stages `dvc status` reports as not up to date (changed, failed or never run)."""
-    result = subprocess.run([str(BIN / "dvc"), "status", "--json"], capture_output=True, text=True, env=_env())
+    result = subprocess.run([str(BIN / "dvc"), "status", "--json"], capture_output=True, text=True, env=dvc_env(),
+                            cwd=cwd)
     if result.returncode != 0:
         raise InputError(f"dvc status failed: {' '.join(result.stderr.split())[:300]}", file="dvc.yaml")
     return set(json.loads(result.stdout))

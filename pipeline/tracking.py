@@ -80,7 +80,13 @@ def shown(uri: str) -> str:
     return re.sub(r"//[^/@]*@", "//***@", uri)
 
 
+# Set for stages that run outside the project's git checkout (`run -j N` workers).
+GIT_COMMIT_ENV = "LITERT_GIT_COMMIT"
+
+
 def git_commit() -> str:
+    if os.environ.get(GIT_COMMIT_ENV):
+        return os.environ[GIT_COMMIT_ENV]
     try:
         result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
     except OSError:
