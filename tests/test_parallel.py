@@ -1,0 +1,106 @@
+"""`run -j 2`: two models built at once by two workers, restored here from DVC's run-cache.
+
+Against a serial rebuild of the same stages in the same project (same prepared examples:
+Keras' export is not byte-stable, the builds are): the same delivered bytes and dvc.lock
+entries, a clean `dvc status`, and one MLflow run per build with its registry version.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+import yaml
+
+from pipeline import parallel
+from tests.conftest import ROOT, copy_project, run_cli
+
+pytestmark = pytest.mark.e2e
+
+MODELS = ["digits_keras", "digits_h5"]
+# Two small models, three LiteRT Quantizer builds each (no converter builds, no auto-selection).
+OVERRIDES = [f"model=[{','.join(MODELS)}]", *(f"~autoselect.{m}" for m in MODELS),
+             *(f"~build.{m}-{v}" for m in MODELS for v in ("converter_float16", "converter_int8"))]
+ENV = {"GIT_AUTHOR_NAME": "ci", "GIT_AUTHOR_EMAIL": "ci@localhost", "GIT_COMMITTER_NAME": "ci",
+       "GIT_COMMITTER_EMAIL": "ci@localhost", "MLFLOW_TRACKING_URI": ""}
+ORDER = ("convert", "representative", "quantize", "metadata", "validate", "report")
+
+
+def _delivered(project) -> dict[str, bytes]:
+    return {str(p.relative_to(project)): p.read_bytes() for p in sorted((project / "models").rglob("*.tflite"))}
+
+
+def _lock(project) -> dict:
+    """dvc.lock's stages and the hashes of their outputs, but reports (JSON records and the
+    validation reports hold timings and latencies)."""
+    stages = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    return {name: [(o["path"], o["md5"]) for o in stage.get("outs", [])
+                   if not o["path"].startswith(("reports/", "comparison/")) and not o["path"].endswith(".json")]
+            for name, stage in stages.items()}
+
+
+@pytest.fixture(scope="module")
+def parallel_run(tmp_path_factory):
+    project = copy_project(tmp_path_factory.mktemp("parallel") / "project")
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "fixture"]):
+        subprocess.run(["git", *args], cwd=project, check=True, capture_output=True, env={**os.environ, **ENV})
+    result = run_cli("litert-pipeline", "run", "-j", "2", *OVERRIDES, "--name", "parallel", cwd=project, env=ENV)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return project, result
+
+
+def test_two_workers_build_and_the_project_restores_everything_from_the_run_cache(parallel_run):
+    project, result = parallel_run
+    assert "[worker 1] Running stage" in result.stdout and "[worker 2] Running stage" in result.stdout
+    # Every per-model stage ran in a worker, none here: here they were restored.
+    ran_here = [line for line in result.stdout.splitlines() if line.startswith("Running stage")]
+    assert all(line.split("'")[1].split("@")[0] in parallel.SHARED_STAGES for line in ran_here), ran_here
+    assert result.stdout.count("is cached - skipping run") == 2 * (2 + 3 * 3 + 1)  # convert, representative, 3 × 3 build stages, report
+    status = run_cli("dvc", "status", "--json", cwd=project)
+    assert status.stdout.strip() == "{}"
+    assert not list((project / ".litert" / "deferred").iterdir())
+
+
+def test_parallel_builds_are_a_serial_runs_bytes(parallel_run):
+    project, _ = parallel_run
+    delivered, lock = _delivered(project), _lock(project)
+    assert len(delivered) == 6
+    stale = [stage for stage in _lock(project) if parallel.model_of(stage, _config(project)) is not None]
+    stale.sort(key=lambda stage: ORDER.index(stage.split("@")[0]))
+    rebuilt = run_cli("dvc", "repro", "--force", "--single-item", "--no-run-cache", *stale, cwd=project,
+                      env={**ENV, "LITERT_TRACKING_DEFER": "1"})
+    assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
+    assert rebuilt.stdout.count("Running stage") == len(stale)
+    assert _delivered(project) == delivered and _lock(project) == lock
+
+
+def test_one_mlflow_run_and_registry_version_per_build(parallel_run):
+    from mlflow import MlflowClient
+
+    project, _ = parallel_run
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("litert-pipeline")
+    runs = client.search_runs([experiment.experiment_id], "tags.`litert.variant` != ''")
+    builds = sorted((r.data.tags["litert.model"], r.data.tags["litert.variant"]) for r in runs)
+    assert builds == sorted((m, v) for m in MODELS for v in ("float", "dynamic_wi8_afp32", "static_wi8_ai8"))
+    parent = client.search_runs([experiment.experiment_id], "attributes.run_name = 'parallel'")[0]
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent.info.run_id}
+    versions = [v for m in MODELS for v in client.search_model_versions(f"name = 'vision.{m}'")]
+    assert len(versions) == 6
+
+
+def test_workers_take_whole_models_balanced_by_stage_count():
+    from pipeline import config
+
+    cfg = config.load(ROOT / "params.yaml")
+    stages = ["convert@digits", "data@digits_calibration", "prepare@digits_data",
+              *(f"{kind}@digits-{v}" for kind in ("quantize", "metadata", "validate") for v in ("float", "static_wi8_ai8"))]
+    assert parallel.deal(stages, cfg, 2) == [sorted(s for s in stages if parallel.model_of(s, cfg) == "digits")]
+    assert parallel.model_of("prepare@digits_data", cfg) is None and parallel.model_of("validate@digits-float", cfg) == "digits"
+
+
+def _config(project):
+    from pipeline import config
+
+    return config.load(project / "params.yaml")
