@@ -12,8 +12,9 @@
    evaluation samples. A candidate that misses is retried with its most sensitive layers in
    float (largest drop first, then lowest SNR), `layers_per_step` more per step, up to
    `max_steps` steps. Each such layer is kept in float with the layers feeding it: a float
-   op that reads a quantized tensor keeps that tensor's error. The first static candidate's
-   sensitivity is measured even when nothing misses: the report shows where the error comes from.
+   op that reads a quantized tensor keeps that tensor's error. The smallest static variant's
+   sensitivity (with its own recipe) is measured even when nothing misses: the report shows
+   where the error comes from.
 4. The smallest passing model wins; candidates not smaller than it are not tried.
 
 Everything is deterministic (fixed samples, stable sort, ties broken by candidate and
@@ -310,10 +311,12 @@ def select(model: Model, auto: AutoSelectConfig, quantization: dict[str, Quantiz
                 best = latest
                 break
 
-    # The report shows where the error comes from even when no static candidate missed.
-    first_static = next((c.spec for c in ordered if search.is_static(c.spec)), None)
-    if first_static is not None:
-        sensitivity(first_static)
+    # The report shows where the error comes from even when no static candidate missed: in the
+    # smallest static variant with its own recipe (the pipeline's default int8, usually).
+    static = [c.spec for c in ordered if search.is_static(c.spec)]
+    shown = next((spec for spec in static if spec.algorithm is None), next(iter(static), None))
+    if shown is not None:
+        sensitivity(shown)
     report = {
         "model": model.name,
         "budget": plain(auto),

@@ -85,7 +85,7 @@ class AutoSelectPaths:
     trail_json: Path
     trail_markdown: Path
     recipe: Path  # the pick's LiteRT Quantizer recipe (null for other backends): reusable as `recipe:`
-    sensitivity_png: Path  # per-layer sensitivity of the first static candidate (and of those that missed)
+    sensitivity_png: Path  # per-layer sensitivity of the smallest static variant (and of those that missed)
     model_explorer: Path  # the same as Model Explorer node data, to colour the graph
 
     @classmethod
