@@ -81,3 +81,16 @@ def test_mobilenet_v2_as_delivered_passes_the_client_check(tmp_path):
                                file="params.yaml").model["mobilenet_v2"].metadata.inputs
     client = _check(float_model, entry, (224, 224, 3))
     assert client["status"] == "passed" and client["top1_agreement"] == 1.0, client
+
+
+def test_a_quantized_classifier_passes_though_runtimes_differ(rgb_classifier):
+    """MediaPipe's kernels for quantized ops are not XNNPACK's: its scores differ a little from
+    the pipeline's, and a top-1 within that difference still agrees; the scores must match."""
+    from pipeline.config import Backend, QuantizationConfig
+    from pipeline.quantize import quantize
+
+    dynamic = quantize(rgb_classifier, QuantizationConfig(backend=Backend.litert_quantizer, recipe="dynamic_wi8_afp32"),
+                       samples=None, make_converter=None).model
+    client = _check(dynamic, RGB, (16, 16, 3))
+    assert client["status"] == "passed" and client["top1_agreement"] == 1.0, client
+    assert 0.95 <= client["min_score_cosine"] <= 1.0 and client["same_top1"] <= 16

@@ -136,9 +136,9 @@ def validate(
         rows, reason = layer_errors(float_model, model, samples, num_threads=runtime.num_threads)
     gate_results = check_gates(metrics, gates, unmeasured=unmeasured, unverifiable=unverifiable)
     failures = [g["message"] for g in gate_results if not g["passed"]] + runtime_report["violations"]
-    failures += [f"{c['client']} disagrees with the pipeline's top-1 on {1 - c['top1_agreement']:.0%} of "
-                 f"{c['samples']} raw images: the metadata's normalization misleads it"
-                 for c in clients if c["status"] == "failed"]
+    failures += [f"{c['client']} disagrees with the pipeline on {c['samples']} raw images (top-1 agreement "
+                 f"{c['top1_agreement']:.0%}, score cosine down to {c['min_score_cosine']:.3f}): the metadata's "
+                 "normalization misleads it" for c in clients if c["status"] == "failed"]
     report = {
         "model": name,
         "model_sha256": hashlib.sha256(model).hexdigest(),
