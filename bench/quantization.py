@@ -43,13 +43,9 @@ def _static(build, recipe: list, *, samples=None, default_calibration: bool = Fa
     from litert_quantizer.quantizer import Quantizer
 
     from pipeline import steps
-    from pipeline.evaluate import load_reference
     from pipeline.io import read_bytes
-    from pipeline.quantize.litert import _io_entries, _signatures_fed
+    from pipeline.quantize.litert import _io_entries, _signatures_fed, calibrate_recipe
     from pipeline.quantize.selective import quantize_with_recipe
-    from pipeline.quantize.litert import calibrate_recipe
-    from pipeline.sources import served_signature
-    from pipeline.validate import validate
 
     model = build.model
     float_model = read_bytes(model.paths.float_model)
@@ -62,9 +58,23 @@ def _static(build, recipe: list, *, samples=None, default_calibration: bool = Fa
     else:
         statistics = calibrate_recipe(float_model, recipe, build.variant, samples, key="bench")
         quantized = quantize_with_recipe(float_model, build.variant, recipe, statistics=statistics, key="bench").model
+    return _measured(build, quantized)
+
+
+def _measured(build, quantized: bytes) -> dict[str, Any]:
+    """The validate stage's metrics of `quantized` (its error when it does not run)."""
+    from pipeline.evaluate import load_reference
+    from pipeline.io import read_bytes
+    from pipeline.sources import served_signature
+    from pipeline.validate import validate
+
+    model = build.model
     evaluation, reference = load_reference(model.paths.reference)
-    result = validate(quantized, float_model=float_model, samples=evaluation, reference=reference, gates=build.gates,
-                      runtime=model.runtime, signature_key=served_signature(model.config.source), name=model.name)
+    result = validate(quantized, float_model=read_bytes(model.paths.float_model), samples=evaluation,
+                      reference=reference, gates=build.gates, runtime=model.runtime,
+                      signature_key=served_signature(model.config.source), name=model.name)
+    if result.report["run"].get("error"):
+        raise RuntimeError(result.report["run"]["error"])
     return result.report["metrics"]
 
 
@@ -111,26 +121,30 @@ def recipe_choices(build) -> dict[str, dict[str, Any]]:
 
 def measure(project: Path) -> dict[str, Any]:
     os.chdir(project)
-    from pipeline import config
-    from pipeline.build import resolve_build
+    from pipeline import config, steps
+    from pipeline.build import derive, resolve_model
 
     cfg = config.load(project / "params.yaml")
     results = {}
     for name in cfg.model:
-        validations = {}
+        model = resolve_model(cfg, name)
+        row: dict[str, Any] = {}
         for column in ("static_wi8_ai8", "converter_int8", "auto"):
             path = project / "reports" / name / column / "validation.json"
-            if path.exists():
-                validations[column] = json.loads(path.read_text())
-        if "static_wi8_ai8" not in validations and "converter_int8" not in validations:
-            continue
-        row: dict[str, Any] = {column: {m: v["metrics"].get(m) for m in METRICS} for column, v in validations.items()}
-        if "auto" in validations:
-            row["auto"]["pick"] = validations["auto"].get("selected_variant")
-        build_name = f"{name}-static_wi8_ai8"
-        if build_name in cfg.build:
-            row["choices"] = recipe_choices(resolve_build(cfg, build_name))
-            row["quantizer_default"] = row["choices"]["quantizer's moving-average calibration"]
+            if path.exists():  # the run's own validation of the delivered model
+                report = json.loads(path.read_text())
+                row[column] = {m: report["metrics"].get(m) for m in METRICS}
+                if column == "auto":
+                    row[column]["pick"] = report.get("selected_variant")
+            elif column != "auto":  # not a build of this example: quantized and measured here
+                try:
+                    build = derive(model, column, cfg.quantization[column])
+                    metrics = _measured(build, steps.quantize_build(build).model)
+                    row[column] = {m: metrics.get(m) for m in METRICS} | {"measured_by": "bench"}
+                except Exception as exc:  # a bench cell says why it is empty
+                    row[column] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+        row["choices"] = recipe_choices(derive(model, "static_wi8_ai8", cfg.quantization["static_wi8_ai8"]))
+        row["quantizer_default"] = row["choices"]["quantizer's moving-average calibration"]
         results[name] = row
         print(name, json.dumps(row), flush=True)
     return results
@@ -150,12 +164,20 @@ def markdown(results: dict[str, Any]) -> str:
         pick = (row.get("auto") or {}).get("pick")
         for metric in METRICS:
             scale = 100.0 if metric == "accuracy_drop" else 1.0
-            cells = [fmt((row.get(c) or {}).get(metric), scale) if "error" not in (row.get(c) or {}) else "failed"
+            cells = [fmt((row.get(c) or {}).get(metric), scale) if "error" not in (row.get(c) or {}) else "does not run"
                      for c in COLUMNS]
             if metric == "snr_db" and pick:
                 cells[3] += f" (`{pick}`)"
             lines.append(f"| {name} | {labels[metric]} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def errors_markdown(results: dict[str, Any]) -> str:
+    """Why a cell is empty, per model and column."""
+    lines = [f"- {name}, {column}: {cell['error']}" for name, row in results.items()
+             for column, cell in [*((c, row.get(c) or {}) for c in COLUMNS), *(row.get("choices") or {}).items()]
+             if "error" in cell]
+    return "\n".join(lines) + "\n" if lines else ""
 
 
 def choices_markdown(results: dict[str, Any]) -> str:
@@ -169,7 +191,7 @@ def choices_markdown(results: dict[str, Any]) -> str:
         for name in names:
             choice = row["choices"][name]
             if "error" in choice:
-                cells.append("failed")
+                cells.append("does not run")
             else:
                 drop = choice.get("accuracy_drop")
                 cells.append(f"{fmt(choice.get('snr_db'))} dB" + (f", {fmt(drop, 100.0)} pt" if drop is not None else ""))
@@ -191,7 +213,8 @@ def main() -> None:
     (ROOT / "bench" / "quantization.json").write_text(json.dumps(results, indent=2) + "\n")
     text = (f"Commit `{results['commit']}`.\n\n" + markdown(results["models"])
             + "\nWhat each recipe choice costs (`static_wi8_ai8` with one choice changed; SNR, accuracy drop):\n\n"
-            + choices_markdown(results["models"]))
+            + choices_markdown(results["models"])
+            + "\nWhy a cell says \"does not run\":\n\n" + errors_markdown(results["models"]))
     (ROOT / "bench" / "quantization.md").write_text(text)
     print(text)
 
