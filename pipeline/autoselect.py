@@ -34,7 +34,7 @@ from tqdm import tqdm
 from pipeline import deliver, steps
 from pipeline.build import Build, Model, derive
 from pipeline.config import AUTO_VARIANT, AutoSelectConfig, Backend, QuantizationConfig, plain
-from pipeline.errors import InputError, PipelineError
+from pipeline.errors import InputError, PipelineError, first_line
 from pipeline.evaluate import load_reference
 from pipeline.io import read_bytes, sha256_path
 from pipeline.layout import AutoSelectPaths
@@ -42,7 +42,7 @@ from pipeline.quantize import QuantizedModel, load_recipe, selective
 from pipeline.quantize.litert import Recipe, Statistics, calibrate_recipe, calibrating_algorithms, statistics_from
 from pipeline.sources import served_signature
 from pipeline.validate import Validation, output_metrics, validate
-from pipeline.validate.layers import layer_errors
+from pipeline.validate.layers import LayerError, layer_errors
 from pipeline.validate.runner import run_samples
 
 # Metrics of each attempt kept in the decision trail.
@@ -234,28 +234,42 @@ class _Search:
         analysis: dict[str, Any] = {"variant": spec.name, "metric": metric, "num_samples": count, "layers": []}
         full = self.quantize(spec, []).model
         errors, reason = layer_errors(self.float_model, full, subset, num_threads=self.model.runtime.num_threads)
-        if reason:
-            return {**analysis, "reason": reason}
+        if reason:  # e.g. the full model does not run: every layer is a suspect, those of the op
+            # kind the error names ("... Node number 55 (DIV) failed to invoke") first, in graph order
+            named = [tensor for tensor, node in self.ops.items() if f"({node.op})" in reason]
+            suspects = named + [tensor for tensor in self.ops if tensor not in named]
+            analysis["preselection"] = f"graph order, ops named by the error first ({reason})"
+            errors = [LayerError(tensor, "intermediate", float("nan"), float("nan"), float("nan")) for tensor in suspects]
         # Bounded: the layers with the lowest SNR in the full model are measured first.
-        measured = [row for row in errors if row.tensor in self.ops][:self.auto.sensitivity_layers]
-        analysis["layers_not_measured"] = len([row for row in errors if row.tensor in self.ops]) - len(measured)
+        candidates = [row for row in errors if row.tensor in self.ops]
+        measured = candidates[:self.auto.sensitivity_layers]
+        analysis["layers_not_measured"] = len(candidates) - len(measured)
         signature = served_signature(self.model.config.source)
         rows = []
         for row in tqdm(measured, desc=f"sensitivity of {spec.name}", unit="layer", leave=False):
             others = [tensor for tensor in self.ops if tensor != row.tensor]
             alone = self.quantize(spec, others).model
-            run = run_samples(alone, subset, num_threads=self.model.runtime.num_threads, signature_key=signature,
-                              desc=None)
-            _, metrics = output_metrics(run.outputs, reference, subset.labels, task_metric=self.gates.task_metric)
-            rows.append({
-                "tensor": row.tensor,
-                "op": self.ops[row.tensor].op,
-                "drop": metrics.get(metric) if metric else None,
-                "snr_db_alone": metrics["snr_db"],
-                "snr_db_in_model": row.snr_db,
-            })
-        analysis["layers"] = sorted(rows, key=lambda r: (-(r["drop"] or 0.0), r["snr_db_alone"], r["tensor"]))
+            measured_row = {"tensor": row.tensor, "op": self.ops[row.tensor].op, "drop": None, "snr_db_alone": None,
+                            "snr_db_in_model": row.snr_db if np.isfinite(row.snr_db) else None}
+            try:
+                run = run_samples(alone, subset, num_threads=self.model.runtime.num_threads, signature_key=signature,
+                                  desc=None)
+            except (RuntimeError, ValueError) as exc:  # this layer alone in int8 stops the model: the worst
+                measured_row["error"] = first_line(exc)
+            else:
+                _, metrics = output_metrics(run.outputs, reference, subset.labels, task_metric=self.gates.task_metric)
+                measured_row.update(drop=metrics.get(metric) if metric else None, snr_db_alone=metrics["snr_db"])
+            rows.append(measured_row)
+        analysis["layers"] = sorted(rows, key=sensitivity_rank)
         return analysis
+
+
+def sensitivity_rank(row: dict[str, Any]) -> tuple:
+    """Most sensitive first: a layer that stops the model alone, then the largest drop, then the
+    lowest SNR; ties in tensor-name order."""
+    if row.get("error"):
+        return (0, 0.0, 0.0, row["tensor"])
+    return (1, -(row["drop"] or 0.0), row["snr_db_alone"], row["tensor"])
 
 
 def select(model: Model, auto: AutoSelectConfig, quantization: dict[str, QuantizationConfig], *, git_commit: str,
@@ -335,7 +349,7 @@ def model_explorer_overlay(analysis: dict[str, Any]) -> dict[str, Any]:
     measured op, keyed by its output tensor name, valued by the output SNR with that op alone
     quantized (low = sensitive, coloured red). Load it on the float or the quantized model."""
     results = {row["tensor"]: {"value": round(float(row["snr_db_alone"]), 3)}
-               for row in analysis["layers"] if np.isfinite(row["snr_db_alone"])}
+               for row in analysis["layers"] if row["snr_db_alone"] is not None and np.isfinite(row["snr_db_alone"])}
     return {"results": results,
             "gradient": [{"stop": 0, "bgColor": "#d7191c"}, {"stop": 0.5, "bgColor": "#ffffbf"},
                          {"stop": 1, "bgColor": "#1a9641"}]}

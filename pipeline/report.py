@@ -269,8 +269,9 @@ def sensitivity_markdown(analyses: list[dict[str, Any]]) -> list[str]:
         layers = analysis["layers"]
         lines += [f"Each layer quantized alone (every other op in float), on {analysis['num_samples']} evaluation "
                   f"samples; {len(layers)} layers measured"
-                  + (f", {analysis['layers_not_measured']} with the least error in the full model not measured"
-                     if analysis.get("layers_not_measured") else "")
+                  + (f", chosen in {analysis['preselection']}" if analysis.get("preselection") else "")
+                  + (f", {analysis['layers_not_measured']} more not measured" if analysis.get("layers_not_measured")
+                     else "")
                   + f". Most sensitive first (the {min(len(layers), SENSITIVITY_ROWS)} worst shown; all in "
                   "`autoselect.json`).", ""]
         lines += ["| # | layer (output tensor) | op | " + (f"{drop} | " if drop else "")
@@ -278,8 +279,8 @@ def sensitivity_markdown(analyses: list[dict[str, Any]]) -> list[str]:
                   "|---|---|---|" + ("---|" if drop else "") + "---|---|"]
         for rank, row in enumerate(layers[:SENSITIVITY_ROWS], 1):
             value = "" if not drop else f"{_fmt(None if row['drop'] is None else (100 if metric == 'accuracy_drop' else 1) * row['drop'])} | "
-            lines.append(f"| {rank} | `{row['tensor']}` | {row['op']} | {value}{_fmt(row['snr_db_alone'])} | "
-                         f"{_fmt(row['snr_db_in_model'])} |")
+            alone = f"does not run: {row['error']}".replace("|", "/") if row.get("error") else _fmt(row["snr_db_alone"])
+            lines.append(f"| {rank} | `{row['tensor']}` | {row['op']} | {value}{alone} | {_fmt(row['snr_db_in_model'])} |")
         lines.append("")
     return lines
 
@@ -299,6 +300,7 @@ def plot_sensitivity(analyses: list[dict[str, Any]], path: Path, *, model: str) 
         axis.text(0.5, 0.5, f"No layer sensitivity measured:\n{reason}", ha="center", va="center", wrap=True)
         axis.set_axis_off()
     else:
+        layers = [row for row in layers if row["snr_db_alone"] is not None]  # a model that does not run: in the table
         labels = [f"{row['op']} {row['tensor'][-40:]}" for row in layers][::-1]
         values = [row["snr_db_alone"] for row in layers][::-1]
         colours = ["tab:red" if (row["drop"] or 0) > 0 else "tab:blue" for row in layers][::-1]
