@@ -144,12 +144,24 @@ class _Search:
         return selective.is_selective_candidate(self.variant(spec), key=f"quantization.{spec.base}")
 
     def specs(self) -> list[Spec]:
-        specs = []
-        for name in candidates_of(self.auto, self.quantization):
-            specs.append(Spec(name))
+        """Every candidate variant, and each static LiteRT Quantizer one with each algorithm;
+        a point that another one already is (same recipe, I/O types and samples) only once."""
+        names = candidates_of(self.auto, self.quantization)
+        points = [Spec(name) for name in names]  # the named variants first: they keep their names
+        for name in names:
             if self.is_static(Spec(name)):
                 own = calibrating_algorithms(self.recipe(Spec(name)))
-                specs += [Spec(name, algorithm) for algorithm in self.auto.algorithms if {algorithm} != own]
+                points += [Spec(name, algorithm) for algorithm in self.auto.algorithms if {algorithm} != own]
+        specs, seen = [], set()
+        for spec in points:
+            variant = self.variant(spec)
+            if variant.backend is Backend.litert_quantizer:
+                point = (json.dumps(self.recipe(spec), sort_keys=True), variant.inference_input_type,
+                         variant.inference_output_type, variant.num_samples)
+                if point in seen:
+                    continue
+                seen.add(point)
+            specs.append(spec)
         return specs
 
     def recipe(self, spec: Spec) -> Recipe:

@@ -137,6 +137,11 @@ def test_selection_is_deterministic(project, monkeypatch):
 
 def test_default_candidates_pick_the_smallest_within_budget(project, monkeypatch):
     selection = _select(project, monkeypatch)
+    names = [c["variant"] for c in selection.report["candidates"]]
+    # Both backends, every algorithm; a point two ways (static_wi8_ai8 with MSE is the variant
+    # static_wi8_ai8_mse) is tried once, under the variant's name.
+    assert {"converter_int8", "static_wi8_ai16+GPTQ", "static_wi8_ai8_mse", "float"} <= set(names)
+    assert "static_wi8_ai8+MSE" not in names and len(names) == len(set(names))
     passing = [a for a in selection.report["attempts"] if a["passed"]]
     chosen = selection.report["selected"]
     assert chosen is not None and chosen["size_bytes"] == min(a["size_bytes"] for a in passing)

@@ -173,9 +173,8 @@ def test_dvc_artifacts_get_fetches_a_delivered_model(repro, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert got.read_bytes() == (repro / "models" / "digits" / "float.tflite").read_bytes()
     # The run left each artifact's verdict in its meta (the report's path beside it).
-    from dvc.repo import Repo
+    import yaml
 
-    with Repo(str(repro)) as repo:
-        declared = repo.artifacts.read()["dvc.yaml"]
-    assert {name: artifact.meta["validation"] for name, artifact in declared.items()} == {
+    declared = yaml.safe_load((repro / "dvc.yaml").read_text())["artifacts"]
+    assert {name: artifact["meta"]["validation"] for name, artifact in declared.items()} == {
         name: "passed" for name in declared}
