@@ -143,18 +143,26 @@ class _Search:
     def is_static(self, spec: Spec) -> bool:
         return selective.is_selective_candidate(self.variant(spec), key=f"quantization.{spec.base}")
 
-    def specs(self) -> list[Spec]:
+    def specs(self) -> tuple[list[Spec], list[dict[str, str]]]:
         """Every candidate variant, and each static LiteRT Quantizer one with each algorithm;
-        a point that another one already is (same recipe, I/O types and samples) only once."""
+        a point that another one already is (same recipe, I/O types and samples) only once.
+        Also the variants whose recipe cannot be read, with why (one team's broken recipe
+        must not stop the others' candidates)."""
         names = candidates_of(self.auto, self.quantization)
-        points = [Spec(name) for name in names]  # the named variants first: they keep their names
+        points, unreadable = [Spec(name) for name in names], []  # named variants first: they keep their names
         for name in names:
-            if self.is_static(Spec(name)):
-                own = calibrating_algorithms(self.recipe(Spec(name)))
-                points += [Spec(name, algorithm) for algorithm in self.auto.algorithms if {algorithm} != own]
+            try:
+                if self.is_static(Spec(name)):
+                    own = calibrating_algorithms(self.recipe(Spec(name)))
+                    points += [Spec(name, algorithm) for algorithm in self.auto.algorithms if {algorithm} != own]
+            except PipelineError as exc:
+                unreadable.append({"variant": name, "reason": exc.one_line()})
+        broken = {entry["variant"] for entry in unreadable}
         specs, seen = [], set()
         for spec in points:
             variant = self.variant(spec)
+            if spec.base in broken:
+                continue
             if variant.backend is Backend.litert_quantizer:
                 point = (json.dumps(self.recipe(spec), sort_keys=True), variant.inference_input_type,
                          variant.inference_output_type, variant.num_samples)
@@ -162,7 +170,7 @@ class _Search:
                     continue
                 seen.add(point)
             specs.append(spec)
-        return specs
+        return specs, unreadable
 
     def recipe(self, spec: Spec) -> Recipe:
         recipe = load_recipe(self.variant(spec).recipe or "", key=f"quantization.{spec.base}.recipe")
@@ -260,14 +268,14 @@ class _Search:
         rows = []
         for row in tqdm(measured, desc=f"sensitivity of {spec.name}", unit="layer", leave=False):
             others = [tensor for tensor in self.ops if tensor != row.tensor]
-            alone = self.quantize(spec, others).model
             measured_row = {"tensor": row.tensor, "op": self.ops[row.tensor].op, "drop": None, "snr_db_alone": None,
                             "snr_db_in_model": row.snr_db if np.isfinite(row.snr_db) else None}
             try:
+                alone = self.quantize(spec, others).model
                 run = run_samples(alone, subset, num_threads=self.model.runtime.num_threads, signature_key=signature,
                                   desc=None)
-            except (RuntimeError, ValueError) as exc:  # this layer alone in int8 stops the model: the worst
-                measured_row["error"] = first_line(exc)
+            except (PipelineError, RuntimeError, ValueError) as exc:  # this layer alone in int8 breaks the model
+                measured_row["error"] = exc.one_line() if isinstance(exc, PipelineError) else first_line(exc)
             else:
                 _, metrics = output_metrics(run.outputs, reference, subset.labels, task_metric=self.gates.task_metric)
                 measured_row.update(drop=metrics.get(metric) if metric else None, snr_db_alone=metrics["snr_db"])
@@ -289,8 +297,9 @@ def select(model: Model, auto: AutoSelectConfig, quantization: dict[str, Quantiz
     """Search the model's candidates for the smallest within its budget (see the module doc)."""
     search = _Search(model, auto, quantization, git_commit=git_commit, experiment=experiment)
     search.check_source_unchanged()
-    built, unbuildable = [], []
-    for spec in search.specs():
+    specs, unbuildable = search.specs()
+    built = []
+    for spec in specs:
         try:
             built.append(search.candidate(spec))
         except PipelineError as exc:  # e.g. a recipe the quantizer refuses for this model: the others still compete
@@ -306,7 +315,11 @@ def select(model: Model, auto: AutoSelectConfig, quantization: dict[str, Quantiz
 
     def sensitivity(spec: Spec) -> dict[str, Any]:
         if spec not in analyses:
-            analyses[spec] = search.sensitivity(spec)
+            try:
+                analyses[spec] = search.sensitivity(spec)
+            except PipelineError as exc:  # optional analysis: its failure is reported, not fatal
+                analyses[spec] = {"variant": spec.name, "metric": drop_metric(auto), "layers": [],
+                                  "reason": exc.one_line()}
         return analyses[spec]
 
     for candidate in ordered:
@@ -328,7 +341,11 @@ def select(model: Model, auto: AutoSelectConfig, quantization: dict[str, Quantiz
                 break
             for tensor in worst:
                 kept += [t for t in [tensor, *search.ops[tensor].feeders] if t not in kept]
-            trial = search.candidate(spec, kept)
+            try:
+                trial = search.candidate(spec, kept)
+            except PipelineError as exc:
+                unbuildable.append({"variant": f"{spec.name}+{len(kept)} float", "reason": exc.one_line()})
+                break
             if not worth_trying(trial):
                 break
             latest = search.attempt(trial)
@@ -343,6 +360,9 @@ def select(model: Model, auto: AutoSelectConfig, quantization: dict[str, Quantiz
     shown = next((spec for spec in static if spec.algorithm is None), next(iter(static), None))
     if shown is not None:
         sensitivity(shown)
+    # The analysis the plot and the overlay show first: the shown variant's.
+    ordered_analyses = ([analyses[shown]] if shown in analyses else []) + [a for spec, a in analyses.items()
+                                                                           if spec != shown]
     report = {
         "model": model.name,
         "budget": plain(auto),
@@ -350,7 +370,7 @@ def select(model: Model, auto: AutoSelectConfig, quantization: dict[str, Quantiz
         "candidates": [{"variant": c.name, "size_bytes": len(c.model)} for c in ordered],
         "unbuildable": unbuildable,
         "attempts": [a.record() for a in attempts],
-        "sensitivity": list(analyses.values()),
+        "sensitivity": ordered_analyses,
         "selected": best.record() if best else None,
     }
     return Selection(report, best)

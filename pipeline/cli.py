@@ -23,10 +23,13 @@ def cmd_compose(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     """Compose params.yaml, then `dvc repro` under one MLflow parent run."""
     from pipeline import repro
+    from pipeline.errors import ConfigError
 
+    if args.jobs > 1 and args.targets:
+        raise ConfigError("-j builds whole models: it cannot be combined with --target", key="--jobs")
     invocation = repro.start(args.overrides, args.conf, args.name, kind="repro")
     with repro.ended_on_failure(invocation):
-        if args.jobs > 1 and not args.targets:
+        if args.jobs > 1:
             from pipeline import parallel
 
             code = parallel.reproduce(invocation.cfg, args.jobs, verbose=args.verbose)

@@ -5,37 +5,40 @@ between repositories, and its run-cache restores a stage's outputs, tracked or n
 stage's command, dependencies and parameters were seen before. So:
 
 1. The stages every model shares (datasets, generated data, example models) run here, once.
-2. The out-of-date models are dealt to N workers, balanced by stage count. Each worker is a
-   copy of the project (code, config, dvc.lock and the outputs so far; no git, no MLflow
-   store) using this project's cache; it runs `dvc repro` for its models' stages.
-3. Here, `dvc repro` of every stage that succeeded in a worker restores it from the
-   run-cache: nothing runs again, dvc.lock is what a serial run writes (one process per
-   stage, so the converter's per-call leak stays bounded as before) and the delivered bytes
-   are the same (the builds are deterministic). Stages that failed stay out of date, as after
-   a serial `dvc repro --keep-going`, and their outcomes give the exit code.
+2. The models with anything out of date are dealt, whole, to N workers, balanced by stage
+   count. Each worker is a copy of the project under `.litert/workers/` (code, config,
+   dvc.lock and the outputs so far; no git, no MLflow store) using this project's cache; it
+   runs `dvc repro` of its models' stages.
+3. Here, `dvc repro` of those stages restores what the workers built from the run-cache:
+   nothing runs again, dvc.lock is what a serial run writes (one process per stage, so the
+   converter's per-call leak stays bounded as before) and the delivered bytes are the same
+   (the builds are deterministic). Stages that failed stay out of date, as after a serial
+   `dvc repro --keep-going`, and their outcomes give the exit code.
 
-Stage processes defer their tracking records (as under `run`); the workers' records are
-uploaded here with this project's, once.
+Stage processes defer their tracking records (as under `run`); each worker's records join
+this project's as soon as it ends, to be uploaded once.
 """
 
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import sys
-import tempfile
 import threading
 from pathlib import Path
 from typing import Iterable
 
 from pipeline import repro, tracking
 from pipeline.config import PipelineConfig
-from pipeline.errors import EXIT_OK, OUTCOMES_ENV, InputError, most_severe
+from pipeline.errors import EXIT_OK, OUTCOMES_ENV, ConfigError, OutputError, first_line, most_severe
 
 # Stages of no one model: they run first, here, so no two workers build them.
 SHARED_STAGES = ("data", "generate", "prepare")
+WORKERS = Path(".litert/workers")
 # Not copied into a worker: version control, the caches, MLflow's local store, other workers.
 NOT_COPIED = (".git", ".dvc", ".litert", ".venv", "mlruns", "mlflow.db", "dvc_plots", "__pycache__")
+STOP_SECONDS = 30  # a worker's DVC gets this long to stop its stage after a SIGINT
 
 
 def model_of(stage: str, cfg: PipelineConfig) -> str | None:
@@ -49,8 +52,8 @@ def model_of(stage: str, cfg: PipelineConfig) -> str | None:
 
 
 def deal(stages: Iterable[str], cfg: PipelineConfig, workers: int) -> list[list[str]]:
-    """Out-of-date per-model stages in `workers` groups, whole models each, the largest models
-    first onto the least loaded worker (deterministic: ties by model name)."""
+    """Per-model stages in `workers` groups, whole models each, the largest models first onto
+    the least loaded worker (deterministic: ties by model name)."""
     by_model: dict[str, list[str]] = {}
     for stage in sorted(stages):
         model = model_of(stage, cfg)
@@ -62,36 +65,61 @@ def deal(stages: Iterable[str], cfg: PipelineConfig, workers: int) -> list[list[
     return [group for group in groups if group]
 
 
+def out_of_date_models(cfg: PipelineConfig, graph: dict[str, set[str]], stale: set[str]) -> list[str]:
+    """Every stage of each model that has a stage out of date, or downstream of one (`dvc
+    status` names only the stages whose own inputs changed)."""
+    stages = set(graph) | {s for upstream in graph.values() for s in upstream} | stale
+    affected = {model_of(stage, cfg) for stage in stages if stage in stale or repro.ancestors(graph, stage) & stale}
+    return sorted(stage for stage in stages if model_of(stage, cfg) in affected - {None})
+
+
+def check_parallel_safe(cfg: PipelineConfig) -> None:
+    """A worker is a copy of the project elsewhere: a source outside the project would resolve
+    to another file there."""
+    for name, model in cfg.model.items():
+        if Path(model.source.path).is_absolute() or ".." in Path(model.source.path).parts:
+            raise ConfigError("a source outside the project cannot be built by -j workers: run without -j",
+                              key=f"model.{name}.source.path")
+
+
 def reproduce(cfg: PipelineConfig, jobs: int, *, verbose: bool = False) -> int:
     """`dvc repro --keep-going` of the whole project with up to `jobs` models at once; the
     exit code as `repro.reproduce` gives it."""
-    stale = repro.stale_stages()
-    shared = sorted(stage for stage in stale if model_of(stage, cfg) is None)
+    check_parallel_safe(cfg)
+    shared = sorted(stage for stage in repro.stale_stages() if model_of(stage, cfg) is None)
     if shared:  # the datasets and example models every worker reads
         code = repro.reproduce(*shared, verbose=verbose)
         if code != EXIT_OK:
             return code
-    groups = deal(stale, cfg, jobs)
+    groups = deal(out_of_date_models(cfg, repro.stage_graph(), repro.stale_stages()), cfg, jobs)
     if len(groups) <= 1:
         return repro.reproduce(verbose=verbose)
-    with tempfile.TemporaryDirectory(prefix="litert-workers-") as folder:
-        workers = [_make_worker(Path(folder) / f"worker-{index}") for index in range(len(groups))]
-        outcomes = Path(folder) / "outcomes"
-        outcomes.mkdir()
-        env = {OUTCOMES_ENV: str(outcomes), tracking.DEFER_ENV: "1", tracking.GIT_COMMIT_ENV: tracking.git_commit()}
-        threads = [threading.Thread(target=_run_worker, args=(worker, group, env, index), daemon=True)
-                   for index, (worker, group) in enumerate(zip(workers, groups))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        # What each worker left out of date among its own stages: failed, or skipped after a failure.
-        left = set().union(*(repro.stale_stages(cwd=worker) & set(group) for worker, group in zip(workers, groups)))
-        failures = [repro.read_outcome(path) for path in sorted(outcomes.glob("*.json"))]
-        for worker in workers:  # their stages' records join this invocation's, uploaded once
-            for entry in tracking.pending(worker / tracking.DEFERRED_DIR):
-                tracking.DEFERRED_DIR.mkdir(parents=True, exist_ok=True)
-                shutil.move(str(entry), tracking.DEFERRED_DIR / entry.name)
+    shutil.rmtree(WORKERS, ignore_errors=True)  # an interrupted run's copies
+    try:
+        workers = [_make_worker(WORKERS / f"worker-{index + 1}") for index in range(len(groups))]
+    except OSError as exc:
+        shutil.rmtree(WORKERS, ignore_errors=True)
+        raise OutputError(f"could not copy the project for a worker: {first_line(exc)}", file=str(WORKERS)) from None
+    outcomes = WORKERS / "outcomes"
+    outcomes.mkdir()
+    env = {OUTCOMES_ENV: str(outcomes.resolve()), tracking.DEFER_ENV: "1",
+           tracking.GIT_COMMIT_ENV: tracking.git_commit()}
+    runs = [_WorkerRun(worker, group, env, index + 1) for index, (worker, group) in enumerate(zip(workers, groups))]
+    try:
+        for run in runs:
+            run.start()
+        for run in runs:
+            run.join()
+    finally:
+        for run in runs:  # interrupted: each worker's DVC stops its stage, then is killed
+            run.stop()
+    # What each worker left out of date among its own stages: failed, or skipped after a failure.
+    left = set().union(*(repro.stale_stages(cwd=run.worker) & set(run.stages) for run in runs))
+    failures = [repro.read_outcome(path) for path in sorted(outcomes.glob("*.json"))]
+    for run in runs:
+        if run.worker_failed or set(run.stages) & left:
+            print(f"[worker {run.index}] its DVC output: {run.log}", file=sys.stderr)
+        shutil.rmtree(run.worker, ignore_errors=True)
     done = sorted(set().union(*groups) - left)
     print(f"parallel: {len(done)} stage(s) built by {len(groups)} workers; restoring them from the run-cache",
           file=sys.stderr)
@@ -110,29 +138,64 @@ def _make_worker(folder: Path) -> Path:
     shutil.copytree(root, folder, symlinks=True, ignore=shutil.ignore_patterns(*NOT_COPIED))
     (folder / ".dvc").mkdir()
     shutil.copy2(root / ".dvc" / "config", folder / ".dvc" / "config")
-    cache = _cache_dir(root)
-    (folder / ".dvc" / "config.local").write_text(f"[core]\n    no_scm = true\n[cache]\n    dir = {cache}\n")
+    for setting, value in (("core.no_scm", "true"), ("cache.dir", str(_cache_dir(root)))):
+        done = subprocess.run([str(repro.BIN / "dvc"), "config", "--local", setting, value], cwd=folder,
+                              capture_output=True, text=True, env=repro.dvc_env())
+        if done.returncode != 0:
+            raise OSError(f"dvc config {setting} failed: {' '.join(done.stderr.split())[:300]}")
     return folder
 
 
 def _cache_dir(root: Path) -> Path:
-    result = subprocess.run([str(repro.BIN / "dvc"), "cache", "dir"], capture_output=True, text=True, cwd=root,
-                            env=repro.dvc_env())
-    if result.returncode != 0:
-        raise InputError(f"dvc cache dir failed: {' '.join(result.stderr.split())[:300]}", file=".dvc/config")
-    return Path(result.stdout.strip()).resolve()
+    done = subprocess.run([str(repro.BIN / "dvc"), "cache", "dir"], capture_output=True, text=True, cwd=root,
+                          env=repro.dvc_env())
+    if done.returncode != 0:
+        raise OSError(f"dvc cache dir failed: {' '.join(done.stderr.split())[:300]}")
+    return Path(done.stdout.strip()).resolve()
 
 
-def _run_worker(worker: Path, stages: list[str], env: dict[str, str], index: int) -> None:
-    """`dvc repro --keep-going` of the worker's stages; DVC's "Running stage" lines go to the
-    terminal tagged with the worker, the rest (stage output) to the worker's log."""
-    command = [str(repro.BIN / "dvc"), "repro", "--keep-going", *stages]
-    with open(worker / "worker.log", "wb") as log:
-        process = subprocess.Popen(command, cwd=worker, env={**repro.dvc_env(), **env}, stdout=subprocess.PIPE,
-                                   stderr=log)
-        assert process.stdout is not None
-        for line in process.stdout:
-            log.write(line)
-            if line.startswith(b"Running stage"):
-                print(f"[worker {index + 1}] {line.decode(errors='replace').strip()}", flush=True)
-        process.wait()
+class _WorkerRun:
+    """One worker's `dvc repro --keep-going` of its stages, in a thread: DVC's "Running stage"
+    lines go to the terminal tagged with the worker, everything to its log; its tracking
+    records join the project's when it ends."""
+
+    def __init__(self, worker: Path, stages: list[str], env: dict[str, str], index: int):
+        self.worker, self.stages, self.env, self.index = worker, stages, env, index
+        self.log = WORKERS / f"worker-{index}.log"
+        self.process: subprocess.Popen | None = None
+        self.worker_failed = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        command = [str(repro.BIN / "dvc"), "repro", "--keep-going", *self.stages]
+        self._handle = open(self.log, "wb")
+        self.process = subprocess.Popen(command, cwd=self.worker, env={**repro.dvc_env(), **self.env},
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self._thread.start()
+
+    def _run(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        with self._handle:
+            for line in self.process.stdout:
+                self._handle.write(line)
+                if line.startswith(b"Running stage"):
+                    print(f"[worker {self.index}] {line.decode(errors='replace').strip()}", flush=True)
+        self.worker_failed = self.process.wait() != 0
+        for entry in tracking.pending(self.worker / tracking.DEFERRED_DIR):
+            tracking.DEFERRED_DIR.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(entry), tracking.DEFERRED_DIR / entry.name)
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            self._thread.join()
+            return
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(timeout=STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._thread.join()

@@ -245,3 +245,19 @@ def test_model_explorer_reads_the_sensitivity_overlay_on_the_float_graph(project
              if node["label"] not in ("GraphInputs", "GraphOutputs", "pseudo_const")
              for output in node["outputsMetadata"] for attr in output["attrs"] if attr["key"] == "tensor_name"}
     assert overlay["results"] and set(overlay["results"]) <= names
+
+
+def test_a_broken_recipe_is_listed_and_the_other_candidates_still_compete(project, monkeypatch):
+    from pipeline.config import Backend, QuantizationConfig
+
+    folder, cfg = project
+    monkeypatch.chdir(folder)
+    (folder / "conf" / "recipes" / "broken.json").write_text("[{")
+    quantization = {**cfg.quantization,
+                    "broken": QuantizationConfig(backend=Backend.litert_quantizer, recipe="conf/recipes/broken.json")}
+    auto = AutoSelectConfig(max_accuracy_drop=BUDGET, candidates=["broken", "float", "dynamic_wi8_afp32"],
+                            algorithms=["min_max_uniform_quantize"])
+    selection = autoselect.select(resolve_model(cfg, "outlier"), auto, quantization, git_commit="test", experiment="test")
+    [broken] = selection.report["unbuildable"]
+    assert broken["variant"] == "broken" and "conf/recipes/broken.json" in broken["reason"]
+    assert selection.selected is not None and selection.report["selected"]["variant"] in ("float", "dynamic_wi8_afp32")

@@ -79,11 +79,11 @@ def to_markdown(report: dict[str, Any]) -> str:
                   + (f" (CompiledModel: {run['latency_fallback']})" if run.get("latency_fallback") else "") + ".", ""]
     tool = run.get("benchmark_tool")
     if tool:
-        lines += ([f"LiteRT's benchmark tool (`{tool['tool']}`): " + (
-            f"median {tool['latency']['median_ms']} ms, p95 {tool['latency']['p95_ms']} ms over "
-            f"{tool['latency']['num_runs']} runs on {', '.join(tool.get('accelerators', []))}; init "
-            f"{tool['latency']['init_ms']} ms (all in `validation.json`)."
-            if "latency" in tool else f"did not run: {tool.get('error')}."), ""])
+        timing = tool.get("latency") if isinstance(tool.get("latency"), dict) else None
+        lines += ([f"LiteRT's benchmark tool (`{tool.get('tool')}`): " + (
+            f"median {timing.get('median_ms')} ms, p95 {timing.get('p95_ms')} ms over {timing.get('num_runs')} runs "
+            f"on {', '.join(map(str, tool.get('accelerators') or []))}; init {timing.get('init_ms')} ms (all in "
+            "`validation.json`)." if timing else f"did not run: {tool.get('error')}."), ""])
 
     lines += [f"## Target runtime `{runtime['kind']}`", ""]
     lines += _table(["op", "kind", "version"], [[op["name"], op["kind"], op["version"]] for op in runtime["ops"]])

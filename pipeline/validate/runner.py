@@ -277,6 +277,9 @@ def benchmark_tool(model: bytes, *, signature: str | None, num_threads: int, run
         if done.returncode != 0 or not result_file.exists():
             lines = [line for line in (done.stderr + done.stdout).splitlines() if "ERROR" in line or "Error" in line]
             return {"tool": BENCHMARK_TOOL, "error": (lines[-1] if lines else f"exit code {done.returncode}")[:500]}
-        result = json.loads(result_file.read_text())
-    result.pop("model", None)  # the temporary file's path
+        try:
+            result = json.loads(result_file.read_text())
+            result.pop("model", None)  # the temporary file's path
+        except (OSError, ValueError, AttributeError) as exc:
+            return {"tool": BENCHMARK_TOOL, "error": f"unreadable results: {first_line(exc)}"}
     return {"tool": BENCHMARK_TOOL, **result}
