@@ -90,6 +90,28 @@ def test_one_mlflow_run_and_registry_version_per_build(parallel_run):
     assert len(versions) == 6
 
 
+def test_a_change_rebuilds_its_downstream_stages_in_the_workers(parallel_run):
+    """`dvc status` names only the stages whose own inputs changed; the workers must rebuild
+    what follows them too, and the project end clean."""
+    project, _ = parallel_run
+    result = run_cli("litert-pipeline", "run", "-j", "2", *OVERRIDES, "quantization.static_wi8_ai8.num_samples=50",
+                     "--name", "parallel-edit", cwd=project, env=ENV)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rebuilt = {line.split("'")[1] for line in result.stdout.splitlines() if "] Running stage" in line}
+    assert {f"{kind}@{m}-static_wi8_ai8" for kind in ("quantize", "metadata", "validate") for m in MODELS} <= rebuilt
+    assert {f"report@{m}" for m in MODELS} <= rebuilt
+    assert not any("float" in stage or "dynamic" in stage for stage in rebuilt), rebuilt
+    assert run_cli("dvc", "status", "--json", cwd=project).stdout.strip() == "{}"
+    assert not (project / ".litert" / "workers" / "worker-1").exists()  # copies removed, logs kept
+    assert (project / ".litert" / "workers" / "worker-1.log").is_file()
+
+
+def test_j_refuses_targets_in_one_line(tmp_path):
+    result = run_cli("litert-pipeline", "run", "-j", "2", "--target", "report@digits", cwd=tmp_path, env=ENV)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "-j builds whole models" in result.stderr
+
+
 def test_workers_take_whole_models_balanced_by_stage_count():
     from pipeline import config
 
