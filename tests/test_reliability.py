@@ -23,6 +23,9 @@ REVIEWED = {
     "pipeline/examples.py": "every builder writes into the folder build_example stages with atomic_path",
     "pipeline/sweep.py:run_stages": "a progress log, meant to be read while it grows",
     "pipeline/tracking.py:set_aside": "moves a queued record within .litert/: a rename, whole or not at all",
+    "pipeline/parallel.py:_make_worker": "a throwaway worker copy under .litert/workers/, removed after the run",
+    "pipeline/parallel.py:start": "a worker's DVC log, meant to be read while it grows",
+    "pipeline/parallel.py:_run": "moves a worker's finished records within .litert/: a rename, whole or not at all",
 }
 
 
