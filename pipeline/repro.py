@@ -227,7 +227,7 @@ def _forward_without_native_logs(source: int, target: BinaryIO) -> None:
     os.close(source)
 
 
-def dvc(*args: str, env: dict[str, str] | None = None, verbose: bool = True, cwd: Path | None = None) -> int:
+def dvc(*args: str, env: dict[str, str] | None = None, verbose: bool = True) -> int:
     """Run a DVC command with its output shown (without native libraries' log lines unless
     `verbose`); return its exit code. Interrupted, DVC gets a SIGINT (it stops the stage it
     runs and leaves no lock behind) before it is killed."""
@@ -238,7 +238,7 @@ def dvc(*args: str, env: dict[str, str] | None = None, verbose: bool = True, cwd
                                      daemon=True)
         forwarder.start()
     try:
-        process = subprocess.Popen([str(BIN / "dvc"), *args], env={**dvc_env(), **(env or {})}, stderr=stderr, cwd=cwd)
+        process = subprocess.Popen([str(BIN / "dvc"), *args], env={**dvc_env(), **(env or {})}, stderr=stderr)
     finally:
         if stderr is not None:
             os.close(stderr)  # the child holds its own copy: the forwarder ends when the child does
