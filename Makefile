@@ -36,7 +36,7 @@ run: install  ## build the digits example, compose conf/ and `dvc repro` (MLflow
 run-all: install  ## the same for every bundled example (about 30 minutes on 2 cores)
 	$(BIN)/litert-pipeline run 'model=[$(ALL_MODELS)]'
 
-test: install  ## unit tests and the end-to-end `dvc repro` test (not the slow MobileNetV2 ones)
+test: install $(VENV)/.installed-ray  ## unit tests and the end-to-end `dvc repro` tests, Ray included (not the slow MobileNetV2 ones)
 	$(BIN)/python -m pytest -m "not slow"
 
 test-unit: install  ## fast unit tests only

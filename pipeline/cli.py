@@ -94,11 +94,13 @@ def cmd_versions(args: argparse.Namespace) -> int:
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    """Upload what stages queued while MLflow was unreachable, under one parent run."""
+    """Upload what stages queued while MLflow was unreachable (or deferred for a `track` stage
+    that did not run: a plain `dvc repro` that failed), under one parent run."""
     from dataclasses import replace
 
     from pipeline import config, tracking
 
+    tracking.move_deferred_to_pending()
     if not tracking.pending():
         print("nothing to upload")
         return EXIT_OK

@@ -97,6 +97,11 @@ class RuntimeKind(Enum):
     gpu = "gpu"  # every op must be supported by the GPU delegate
 
 
+class ParallelEngine(Enum):
+    local = "local"  # `-j N` worker processes on this machine
+    ray = "ray"  # `-j N` workers as Ray tasks: a local Ray instance, or the cluster at ray_address
+
+
 LITERT_RECIPES = (
     "dynamic_wi8_afp32",
     "weight_only_wi8_afp32",
@@ -357,6 +362,16 @@ class NightlyConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Where `run -j N` and `nightly -j N` run their workers (conf/parallel/)."""
+
+    engine: ParallelEngine = ParallelEngine.local
+    # Ray only. Empty: start a local Ray instance with N CPUs; `auto`: the cluster this machine
+    # belongs to; `ray://<head>:10001`: Ray Client. Every node must see the project at the same path.
+    ray_address: str = ""
+
+
+@dataclass
 class PipelineConfig:
     model: Dict[str, ModelConfig] = field(default_factory=dict)
     build: Dict[str, BuildConfig] = field(default_factory=dict)
@@ -367,6 +382,7 @@ class PipelineConfig:
     validation: Dict[str, ValidationConfig] = field(default_factory=dict)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     nightly: NightlyConfig = field(default_factory=NightlyConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     # Model name -> auto-selection budget (declared in the model's conf file).
     autoselect: Dict[str, AutoSelectConfig] = field(default_factory=dict)
     # Bundled example models built by the `prepare` stage.
@@ -573,6 +589,9 @@ def check_function_reference(reference: str, *, trusted: bool, key: str, file: s
                           "trusted: true to import it, only for code you trust", file=file, key=key)
 
 
+RAY_ADDRESS = re.compile(r"auto|(ray://)?[A-Za-z0-9]([A-Za-z0-9.-]{0,252}):[0-9]{1,5}")
+
+
 def check_tracking_uri(uri: str) -> None:
     """The syntax of a tracking URI (MLflow is not contacted)."""
     if uri and not TRACKING_URI.match(uri):
@@ -723,6 +742,11 @@ def _check_references(cfg: PipelineConfig, file: str) -> None:
             raise ConfigError(f"unknown metric (use {', '.join(HIGHER_IS_BETTER)})", file=file,
                               key=f"nightly.tolerance.{metric}")
     _check_inside_project(cfg.nightly.summary, file, "nightly.summary")
+    if cfg.parallel.ray_address and not RAY_ADDRESS.fullmatch(cfg.parallel.ray_address):
+        raise ConfigError("not a Ray address (empty, auto, <host>:<port> or ray://<host>:<port>)", file=file,
+                          key="parallel.ray_address")
+    if cfg.parallel.ray_address and cfg.parallel.engine is not ParallelEngine.ray:
+        raise ConfigError("a Ray address needs engine: ray", file=file, key="parallel.ray_address")
     if cfg.tracking.enabled:  # a malformed URI fails before any work, not when the first stage logs
         env_uri = os.environ.get("MLFLOW_TRACKING_URI")
         try:

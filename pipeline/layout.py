@@ -21,6 +21,8 @@ COMPARISON = Path("comparison")  # per-model comparison of the variants
 EXAMPLES = Path("examples")  # bundled example models and data, built by `prepare`
 LABELS = Path("conf/labels")  # label files named by metadata configs (tracked as a dependency)
 RECIPES = Path("conf/recipes")  # JSON recipes named by quantization variants (tracked as a dependency)
+# The `track` stage's output: each build's verdict and model hash as of the stage's last upload.
+TRACKED = Path("tracked.json")
 AUTO_VARIANT = "auto"  # the variant name of a model's auto-selected build
 VALIDATION_JSON = "validation.json"
 AUTOSELECT_JSON = "autoselect.json"
@@ -122,6 +124,8 @@ def stage_files(stage: str, key: str, cfg: "PipelineConfig") -> tuple[set[str], 
 
     if stage == "prepare":
         return set(), strings(example(key))
+    if stage == "track":
+        return strings(REPORTS, COMPARISON), strings(TRACKED)
     if stage in ("data", "generate"):
         data = {**cfg.dataset, **cfg.generator}[key]
         return strings(getattr(data, "path", None)), strings(samples(key))

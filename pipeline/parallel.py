@@ -15,8 +15,11 @@ stage's command, dependencies and parameters were seen before. So:
    (the builds are deterministic). Stages that failed stay out of date, as after a serial
    `dvc repro --keep-going`, and their outcomes give the exit code.
 
-Stage processes defer their tracking records (as under `run`); each worker's records join
-this project's as soon as it ends, to be uploaded once.
+Stage processes defer their tracking records; each worker's records join this project's as
+soon as it ends, for the `track` stage to upload them once.
+
+The workers are threads here (`parallel: local`) or Ray tasks (`parallel=ray`: a local Ray
+instance, or a cluster whose nodes see the project and its cache at the same path).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from pathlib import Path
 from typing import Iterable
 
 from pipeline import repro, tracking
-from pipeline.config import PipelineConfig
+from pipeline.config import ParallelEngine, PipelineConfig
 from pipeline.errors import EXIT_OK, OUTCOMES_ENV, ConfigError, OutputError, first_line, most_severe
 
 # Stages of no one model: they run first, here, so no two workers build them.
@@ -86,7 +89,7 @@ def reproduce(cfg: PipelineConfig, jobs: int, *, verbose: bool = False) -> int:
     """`dvc repro --keep-going` of the whole project with up to `jobs` models at once; the
     exit code as `repro.reproduce` gives it."""
     check_parallel_safe(cfg)
-    shared = sorted(stage for stage in repro.stale_stages() if model_of(stage, cfg) is None)
+    shared = sorted(stage for stage in repro.stale_stages() if stage.partition("@")[0] in SHARED_STAGES)
     if shared:  # the datasets and example models every worker reads
         code = repro.reproduce(*shared, verbose=verbose)
         if code != EXIT_OK:
@@ -105,14 +108,10 @@ def reproduce(cfg: PipelineConfig, jobs: int, *, verbose: bool = False) -> int:
     env = {OUTCOMES_ENV: str(outcomes.resolve()), tracking.DEFER_ENV: "1",
            tracking.GIT_COMMIT_ENV: tracking.git_commit()}
     runs = [_WorkerRun(worker, group, env, index + 1) for index, (worker, group) in enumerate(zip(workers, groups))]
-    try:
-        for run in runs:
-            run.start()
-        for run in runs:
-            run.join()
-    finally:
-        for run in runs:  # interrupted: each worker's DVC stops its stage, then is killed
-            run.stop()
+    if cfg.parallel.engine is ParallelEngine.ray:
+        _on_ray(runs, cfg.parallel.ray_address, jobs)
+    else:
+        _on_threads(runs)
     # What each worker left out of date among its own stages: failed, or skipped after a failure.
     left = set().union(*(repro.stale_stages(cwd=run.worker) & set(run.stages) for run in runs))
     failures = [repro.read_outcome(path) for path in sorted(outcomes.glob("*.json"))]
@@ -124,7 +123,8 @@ def reproduce(cfg: PipelineConfig, jobs: int, *, verbose: bool = False) -> int:
     print(f"parallel: {len(done)} stage(s) built by {len(groups)} workers; restoring them from the run-cache",
           file=sys.stderr)
     # Only what succeeded: a failed stage is not run twice (its outcome is already recorded).
-    code = repro.reproduce(*done, verbose=verbose) if done else EXIT_OK
+    # With every stage built, the `track` stage too, as a serial `dvc repro` ends.
+    code = repro.reproduce(*done, *([] if left else [repro.TRACK_STAGE]), verbose=verbose) if done else EXIT_OK
     if not left:
         return code
     graph = repro.stage_graph()
@@ -154,10 +154,91 @@ def _cache_dir(root: Path) -> Path:
     return Path(done.stdout.strip()).resolve()
 
 
+def _on_threads(runs: list["_WorkerRun"]) -> None:
+    try:
+        for run in runs:
+            run.start()
+        for run in runs:
+            run.join()
+    finally:
+        for run in runs:  # interrupted: each worker's DVC stops its stage, then is killed
+            run.stop()
+
+
+def _on_ray(runs: list["_WorkerRun"], address: str, jobs: int) -> None:
+    """The workers as Ray tasks of one CPU each; each worker's records are collected as it ends."""
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("parallel=ray needs Ray: pip install -e '.[ray]'", key="parallel.engine") from None
+    ray.init(address=address or None, num_cpus=None if address else jobs, include_dashboard=False,
+             logging_level="WARNING", log_to_driver=True)
+    try:
+        task = ray.remote(num_cpus=1, max_retries=0)(run_worker)
+        started = {task.remote(str(run.worker.resolve()), run.stages, run.env, run.index, str(run.log.resolve())): run
+                   for run in runs}
+        waiting = list(started)
+        try:
+            while waiting:
+                (ended,), waiting = ray.wait(waiting, num_returns=1)
+                run = started[ended]
+                try:
+                    run.worker_failed = ray.get(ended)
+                except ray.exceptions.RayError as exc:  # the task itself died (a node lost, out of memory)
+                    run.worker_failed = True
+                    print(f"[worker {run.index}] Ray: {first_line(exc)}", file=sys.stderr)
+                run.collect_records()
+        except KeyboardInterrupt:
+            for ref in waiting:  # the task gets a KeyboardInterrupt: its DVC stops its stage
+                ray.cancel(ref)
+            ray.wait(waiting, num_returns=len(waiting), timeout=STOP_SECONDS + 5)
+            raise
+    finally:
+        ray.shutdown()
+
+
+def run_worker(worker: str, stages: list[str], env: dict[str, str], index: int, log: str) -> bool:
+    """One worker's `dvc repro --keep-going` of its stages (the body of a Ray task): DVC's
+    "Running stage" lines printed tagged with the worker, everything to `log`. Returns whether
+    DVC failed; interrupted, DVC stops its stage first."""
+    with open(log, "wb") as handle:
+        process = _start_dvc(Path(worker), stages, env, handle)
+        try:
+            _copy_output(process, handle, index)
+            return process.wait() != 0
+        except KeyboardInterrupt:
+            _stop(process)
+            raise
+
+
+def _start_dvc(worker: Path, stages: list[str], env: dict[str, str], handle) -> subprocess.Popen:
+    return subprocess.Popen([str(repro.BIN / "dvc"), "repro", "--keep-going", *stages], cwd=worker,
+                            env={**repro.dvc_env(), **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _copy_output(process: subprocess.Popen, handle, index: int) -> None:
+    assert process.stdout is not None
+    for line in process.stdout:
+        handle.write(line)
+        if line.startswith(b"Running stage"):
+            print(f"[worker {index}] {line.decode(errors='replace').strip()}", flush=True)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """SIGINT (DVC stops the stage it runs and leaves no lock behind), then kill."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=STOP_SECONDS)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 class _WorkerRun:
-    """One worker's `dvc repro --keep-going` of its stages, in a thread: DVC's "Running stage"
-    lines go to the terminal tagged with the worker, everything to its log; its tracking
-    records join the project's when it ends."""
+    """One worker: its copy of the project, its stages, its log; run in a thread here (or by
+    `run_worker` in a Ray task). Its tracking records join the project's when it ends."""
 
     def __init__(self, worker: Path, stages: list[str], env: dict[str, str], index: int):
         self.worker, self.stages, self.env, self.index = worker, stages, env, index
@@ -167,20 +248,18 @@ class _WorkerRun:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def start(self) -> None:
-        command = [str(repro.BIN / "dvc"), "repro", "--keep-going", *self.stages]
         self._handle = open(self.log, "wb")
-        self.process = subprocess.Popen(command, cwd=self.worker, env={**repro.dvc_env(), **self.env},
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.process = _start_dvc(self.worker, self.stages, self.env, self._handle)
         self._thread.start()
 
     def _run(self) -> None:
-        assert self.process is not None and self.process.stdout is not None
+        assert self.process is not None
         with self._handle:
-            for line in self.process.stdout:
-                self._handle.write(line)
-                if line.startswith(b"Running stage"):
-                    print(f"[worker {self.index}] {line.decode(errors='replace').strip()}", flush=True)
+            _copy_output(self.process, self._handle, self.index)
         self.worker_failed = self.process.wait() != 0
+        self.collect_records()
+
+    def collect_records(self) -> None:
         for entry in tracking.pending(self.worker / tracking.DEFERRED_DIR):
             tracking.DEFERRED_DIR.mkdir(parents=True, exist_ok=True)
             shutil.move(str(entry), tracking.DEFERRED_DIR / entry.name)
@@ -189,13 +268,7 @@ class _WorkerRun:
         self._thread.join()
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
+        if self.process is not None:
+            _stop(self.process)
+        if self._thread.is_alive() or self.process is not None:
             self._thread.join()
-            return
-        self.process.send_signal(signal.SIGINT)
-        try:
-            self.process.wait(timeout=STOP_SECONDS)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self._thread.join()

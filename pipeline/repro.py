@@ -62,6 +62,7 @@ class Invocation:
 
 
 DVC_YAML = Path("dvc.yaml")
+TRACK_STAGE = "track"  # dvc.yaml's last stage: uploads the build stages' deferred records
 
 
 def write_composed(overrides: list[str], conf_dir: str, output: str = config.PARAMS_FILE) -> PipelineConfig:
@@ -170,6 +171,27 @@ def upload_deferred(invocation: Invocation) -> None:
             raise
         print(f"warning: {exc.one_line()}: {count} record(s) queued for `litert-pipeline sync` "
               "(tracking.required is false)", file=sys.stderr)
+
+
+def track(cfg: PipelineConfig) -> dict:
+    """The `track` stage, dvc.yaml's last: upload the records the build stages deferred, in this
+    one process, under the invoking `run`'s parent run, or under a parent run of its own when a
+    plain `dvc repro` runs it (ended with the comparisons attached). Returns what `tracked.json`
+    holds: each build's verdict and delivered model hash, the same for a serial and a parallel run."""
+    if cfg.tracking.enabled and tracking.pending(tracking.DEFERRED_DIR):
+        parent = os.environ.get(tracking.PARENT_ENV)
+        if parent or os.environ.get(tracking.OFFLINE_ENV):  # `run`/`nightly` own the parent run
+            upload_deferred(Invocation(cfg, parent or None))
+        else:
+            own = Invocation(cfg, tracking.start_parent_run(cfg.tracking, "dvc repro", {"kind": "dvc-repro"}))
+            with ended_on_failure(own):
+                upload_deferred(own)
+            finish(own, succeeded=True)
+    builds = {}
+    for build, verdict, paths in build_verdicts(cfg):
+        builds[build] = {"verdict": verdict, "model_sha256": sha256_path(paths.delivered) if paths.delivered.is_file()
+                         else None}
+    return {"builds": builds}
 
 
 def finish(invocation: Invocation, *, succeeded: bool, metrics: dict[str, float] | None = None,

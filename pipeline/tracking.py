@@ -48,9 +48,10 @@ OFFLINE_ENV = "LITERT_TRACKING_OFFLINE"
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlruns"
 PENDING_DIR = Path(".litert/pending")
-# Set by `run` and `nightly` for their `dvc repro`: stage processes then save their records
-# here instead of logging them (no MLflow import in any stage: 2.4-4.7 s each on these
-# machines), and the invoking process uploads them all, once, when the stages are done.
+# Stage processes (DVC sets DVC_STAGE; `run -j` workers also set DEFER_ENV) save their records
+# here instead of logging them: no MLflow import in any build stage (2.4-4.7 s each on these
+# machines). dvc.yaml's last stage, `track`, uploads them all in one process (and `run` and
+# `nightly` upload what is left when a failed build kept `track` from running).
 DEFER_ENV = "LITERT_TRACKING_DEFER"
 DEFERRED_DIR = Path(".litert/deferred")
 MODEL_FOLDER = "model"  # the run artifact folder a registered version points at
@@ -342,7 +343,7 @@ def log_stage(tracking: TrackingConfig, record: StageRecord) -> str | None:
     tracking is off or the record was queued for `sync`."""
     if not tracking.enabled:
         return None
-    if os.environ.get(DEFER_ENV):
+    if os.environ.get(DEFER_ENV) or os.environ.get("DVC_STAGE"):
         queue(record, DEFERRED_DIR)
         return None
     doing = f"logging {record.stage} of {record.model}/{record.variant}"

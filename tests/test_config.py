@@ -52,6 +52,10 @@ def _write_params(tmp_path: Path, old: str, new: str) -> Path:
         ("    variant: float\n", "    variant: float99\n", "build.digits-float.variant", "unknown quantization"),
         ("    runtime: play_services", "    runtime: toaster", "model.digits.runtime", "unknown runtime"),
         ("      format: saved_model", "      format: onnx", "model.digits.source.format", "onnx"),
+        ("  engine: local", "  engine: slurm", "parallel.engine", "slurm"),
+        ("  engine: local\n  ray_address: ''", "  engine: ray\n  ray_address: 'head:1; rm -rf /'",
+         "parallel.ray_address", "not a Ray address"),
+        ("  ray_address: ''", "  ray_address: auto", "parallel.ray_address", "needs engine: ray"),
     ],
 )
 def test_bad_params_fail_with_file_and_key(tmp_path, old, new, key, words):

@@ -119,23 +119,59 @@ def test_mlflow_has_one_run_per_build_with_size_and_model(repro):
     assert not list((repro / ".litert" / "deferred").glob("*")) and not list((repro / ".litert" / "pending").glob("*"))
 
 
-def test_no_stage_process_imports_mlflow_under_run(repro, tmp_path):
-    """Under `run`, every kind of stage defers its tracking record instead of logging it: no
-    stage process imports MLflow (`python -X importtime` lists every module a process imports)."""
+def test_no_build_stage_process_imports_mlflow(repro, tmp_path):
+    """Run by DVC (which sets DVC_STAGE), every kind of build stage defers its tracking record
+    to the `track` stage instead of logging it: no build stage process imports MLflow
+    (`python -X importtime` lists every module a process imports)."""
     import shutil
 
     project = tmp_path / "project"
     shutil.copytree(repro, project, ignore=shutil.ignore_patterns(".dvc", ".git", "mlruns", "mlflow.db"))
-    env = {**ENV, "LITERT_TRACKING_DEFER": "1"}
     for stage, key in (("convert", "digits"), ("representative", "digits"), ("quantize", "digits-static_wi8_ai8"),
                        ("metadata", "digits-static_wi8_ai8"), ("validate", "digits-static_wi8_ai8"),
                        ("autoselect", "digits"), ("report", "digits")):
         result = subprocess.run([sys.executable, "-X", "importtime", "-m", f"stages.{stage}", key], cwd=project,
-                                env={**os.environ, **env}, capture_output=True, text=True)
+                                env={**os.environ, **ENV, "DVC_STAGE": f"{stage}@{key}"}, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-2000:]
         imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
         assert not {module for module in imported if module.split(".")[0] == "mlflow"}, stage
-    assert len(list((project / ".litert" / "deferred").iterdir())) >= 5  # the records, saved for `run` to upload
+    assert len(list((project / ".litert" / "deferred").iterdir())) >= 5  # the records, saved for `track` to upload
+
+
+def test_a_plain_dvc_repro_logs_every_build_once_through_the_track_stage(repro, tmp_path):
+    """Without `litert-pipeline run`: the stages an edit reruns defer their records, the `track`
+    stage uploads them under a parent run of its own and registers the passing build; a no-op
+    rerun logs nothing."""
+    import shutil
+
+    from mlflow import MlflowClient
+
+    project = tmp_path / "project"
+    shutil.copytree(repro, project, ignore=shutil.ignore_patterns("mlruns", "mlflow.db"))
+    params = project / "params.yaml"
+    edited = re.sub(r"(  static_wi8_ai16:\n(    .*\n)*?    num_samples:) null\n", r"\1 50\n", params.read_text())
+    params.write_text(edited)
+    result = run_cli("dvc", "repro", cwd=project, env=ENV)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Running stage 'track'" in result.stdout
+    assert not list((project / ".litert" / "deferred").glob("*"))
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("litert-pipeline")
+    (parent,) = client.search_runs([experiment.experiment_id], "attributes.run_name = 'dvc repro'")
+    assert parent.info.status == "FINISHED"
+    runs = client.search_runs([experiment.experiment_id], "tags.`litert.model` = 'digits'")
+    assert {r.data.tags["litert.variant"] for r in runs} == {"static_wi8_ai16", "auto"}  # what the edit reran
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in runs)
+    build = next(r for r in runs if r.data.tags["litert.variant"] == "static_wi8_ai16")
+    assert {"litert.stage.quantize", "litert.stage.metadata", "litert.stage.validate"} <= set(build.data.tags)
+    versions = client.search_model_versions("name = 'vision.digits'")
+    assert "static_wi8_ai16" in {v.tags["litert.variant"] for v in versions} <= {"static_wi8_ai16", "auto"}
+    tracked = json.loads((project / "tracked.json").read_text())
+    assert tracked["builds"]["digits-static_wi8_ai16"]["verdict"] == "passed"
+
+    again = run_cli("dvc", "repro", cwd=project, env=ENV)
+    assert again.returncode == 0 and "Running stage" not in again.stdout
+    assert len(client.search_runs([experiment.experiment_id], "")) == len(runs) + 1
 
 
 def test_second_repro_runs_nothing_and_status_is_clean(repro):

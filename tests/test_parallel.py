@@ -7,6 +7,7 @@ entries, a clean `dvc status`, and one MLflow run per build with its registry ve
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 
@@ -55,7 +56,8 @@ def test_two_workers_build_and_the_project_restores_everything_from_the_run_cach
     assert "[worker 1] Running stage" in result.stdout and "[worker 2] Running stage" in result.stdout
     # Every per-model stage ran in a worker, none here: here they were restored.
     ran_here = [line for line in result.stdout.splitlines() if line.startswith("Running stage")]
-    assert all(line.split("'")[1].split("@")[0] in parallel.SHARED_STAGES for line in ran_here), ran_here
+    assert all(line.split("'")[1].split("@")[0] in (*parallel.SHARED_STAGES, "track") for line in ran_here), ran_here
+    assert "Running stage 'track'" in result.stdout  # here, last, as a serial `dvc repro` ends
     assert result.stdout.count("is cached - skipping run") == 2 * (2 + 3 * 3 + 1)  # convert, representative, 3 × 3 build stages, report
     status = run_cli("dvc", "status", "--json", cwd=project)
     assert status.stdout.strip() == "{}"
@@ -104,6 +106,33 @@ def test_a_change_rebuilds_its_downstream_stages_in_the_workers(parallel_run):
     assert run_cli("dvc", "status", "--json", cwd=project).stdout.strip() == "{}"
     assert not (project / ".litert" / "workers" / "worker-1").exists()  # copies removed, logs kept
     assert (project / ".litert" / "workers" / "worker-1.log").is_file()
+
+
+def test_ray_tasks_build_an_edit_like_local_workers(parallel_run):
+    """`parallel=ray`: the workers are tasks on a local Ray instance; the project ends as after
+    local workers: the edited builds rebuilt in workers, restored here, logged and registered."""
+    pytest.importorskip("ray")
+    from mlflow import MlflowClient
+
+    project, _ = parallel_run
+    result = run_cli("litert-pipeline", "run", "-j", "2", *OVERRIDES, "quantization.static_wi8_ai8.num_samples=40",
+                     "parallel=ray", "--name", "parallel-ray", cwd=project, env=ENV)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    logs = [(project / ".litert" / "workers" / f"worker-{index}.log").read_text() for index in (1, 2)]
+    rebuilt = {line.split("'")[1] for log in logs for line in log.splitlines() if line.startswith("Running stage")}
+    assert {f"{kind}@{m}-static_wi8_ai8" for kind in ("quantize", "metadata", "validate") for m in MODELS} <= rebuilt
+    assert all(MODELS[0] in stage for stage in rebuilt if MODELS[1] not in stage) and len(logs) == 2
+    assert run_cli("dvc", "status", "--json", cwd=project).stdout.strip() == "{}"
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("litert-pipeline")
+    (parent,) = client.search_runs([experiment.experiment_id], "attributes.run_name = 'parallel-ray'")
+    children = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted((r.data.tags["litert.model"], r.data.tags["litert.variant"]) for r in children) == sorted(
+        (m, "static_wi8_ai8") for m in MODELS)
+    for model in MODELS:
+        delivered = (project / "models" / model / "static_wi8_ai8.tflite").read_bytes()
+        digest = hashlib.sha256(delivered).hexdigest()
+        assert client.search_model_versions(f"name = 'vision.{model}' and tags.`litert.model_sha256` = '{digest}'")
 
 
 def test_j_refuses_targets_in_one_line(tmp_path):
