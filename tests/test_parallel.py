@@ -1,4 +1,4 @@
-"""`run -j 2`: two models built at once by two workers, restored here from DVC's run-cache.
+"""`run -j 2`: two models built at once by two workers, their lock entries and outputs brought home.
 
 Against a serial rebuild of the same stages in the same project (same prepared examples:
 Keras' export is not byte-stable, the builds are): the same delivered bytes and dvc.lock
@@ -51,14 +51,14 @@ def parallel_run(tmp_path_factory):
     return project, result
 
 
-def test_two_workers_build_and_the_project_restores_everything_from_the_run_cache(parallel_run):
+def test_two_workers_build_and_the_project_takes_their_results_home(parallel_run):
     project, result = parallel_run
     assert "[worker 1] Running stage" in result.stdout and "[worker 2] Running stage" in result.stdout
-    # Every per-model stage ran in a worker, none here: here they were restored.
+    # Every per-model stage ran in a worker, none here.
     ran_here = [line for line in result.stdout.splitlines() if line.startswith("Running stage")]
     assert all(line.split("'")[1].split("@")[0] in (*parallel.SHARED_STAGES, "track") for line in ran_here), ran_here
     assert "Running stage 'track'" in result.stdout  # here, last, as a serial `dvc repro` ends
-    assert result.stdout.count("is cached - skipping run") == 2 * (2 + 3 * 3 + 1)  # convert, representative, 3 × 3 build stages, report
+    assert "is cached" not in result.stdout  # brought home from the workers, not restored stage by stage
     status = run_cli("dvc", "status", "--json", cwd=project)
     assert status.stdout.strip() == "{}"
     assert not list((project / ".litert" / "deferred").iterdir())
@@ -110,7 +110,7 @@ def test_a_change_rebuilds_its_downstream_stages_in_the_workers(parallel_run):
 
 def test_ray_tasks_build_an_edit_like_local_workers(parallel_run):
     """`parallel=ray`: the workers are tasks on a local Ray instance; the project ends as after
-    local workers: the edited builds rebuilt in workers, restored here, logged and registered."""
+    local workers: the edited builds rebuilt in workers, brought home, logged and registered."""
     pytest.importorskip("ray")
     from mlflow import MlflowClient
 
