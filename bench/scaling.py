@@ -94,9 +94,11 @@ def main() -> None:
                 rows.append(measure(count, jobs, Path(folder)))
                 print(json.dumps(rows[-1]), flush=True)
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    result = {"rows": rows, "peak_process_mb": round(peak_mb), "cores": os.cpu_count()}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    result = {"commit": commit, "rows": rows, "peak_process_mb": round(peak_mb), "cores": os.cpu_count()}
     (ROOT / "bench" / "scaling.json").write_text(json.dumps(result, indent=2) + "\n")
-    text = to_markdown(rows) + f"\nLargest single process: {round(peak_mb)} MB; {os.cpu_count()} cores.\n"
+    text = (f"Commit {commit}, side by side in one run:\n\n" + to_markdown(rows)
+            + f"\nLargest single process: {round(peak_mb)} MB; {os.cpu_count()} cores.\n")
     (ROOT / "bench" / "scaling.md").write_text(text)
     print(text)
 

@@ -113,10 +113,14 @@ def test_unreachable_server_fails_in_one_line_or_queues_until_sync(served, mlflo
 
     for variant in VARIANTS:
         shutil.rmtree(served / "reports" / "digits" / variant)
-    # Forced: DVC would otherwise restore the (cached) report, not run the stage.
+    # A build stage never talks to MLflow: forced (DVC would otherwise restore the cached
+    # report), it succeeds and its record waits for the `track` stage, which fails in one line.
     stage = run_cli("dvc", "repro", "--force", "--single-item", "validate@digits-float", cwd=served, env=down)
-    assert stage.returncode != 0 and "error: tracking.uri: MLflow at" in stage.stderr
+    assert stage.returncode == 0, stage.stderr[-2000:]
     assert json.loads((served / "reports" / "digits" / "float" / "validation.json").read_text())["passed"]
+    track = run_cli("dvc", "repro", "--single-item", "track", cwd=served, env=down)
+    assert track.returncode != 0 and "error: tracking.uri: MLflow at" in track.stderr, track.stderr[-2000:]
+    assert len(list((served / ".litert" / "deferred").iterdir())) == 1  # kept for the next upload
 
     # A gate setting changed, so the validate stages run again (not restored from the run-cache)
     # and, with the server down, queue their records.
@@ -125,18 +129,23 @@ def test_unreachable_server_fails_in_one_line_or_queues_until_sync(served, mlflo
     assert optional.returncode == 0, optional.stderr[-3000:]
     assert "tracking.required is false" in optional.stderr
     queued = sorted(p.name for p in (served / ".litert" / "pending").iterdir())
-    # The builds' records, then the invocation's own (its comparison, for the run that uploads it).
-    assert [name.split("-", 2)[2] for name in queued] == [f"validate-digits-{v}" for v in VARIANTS] + ["invocation--"]
+    # The forced stage's record, the builds' records, then the invocation's own (its comparison,
+    # for the run that uploads it).
+    assert [name.split("-", 2)[2] for name in queued] == ["validate-digits-float"] + [
+        f"validate-digits-{v}" for v in VARIANTS] + ["invocation--"]
 
     client = _client(mlflow_server)
     experiment = client.get_experiment_by_name("litert-pipeline").experiment_id
     back = {**ENV, "MLFLOW_TRACKING_URI": mlflow_server}
     synced = run_cli("litert-pipeline", "sync", cwd=served, env=back)
-    assert synced.returncode == 0 and "uploaded 3 queued record(s)" in synced.stdout, synced.stderr[-2000:]
+    assert synced.returncode == 0 and "uploaded 4 queued record(s)" in synced.stdout, synced.stderr[-2000:]
     assert not list((served / ".litert" / "pending").iterdir())
     (sync_run,) = client.search_runs([experiment], "attributes.run_name = 'sync'")
     children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{sync_run.info.run_id}'")
-    assert sorted(r.data.tags["litert.variant"] for r in children) == sorted(VARIANTS)
+    # The forced stage's float record (no parent: it joined sync's run) is superseded by the run
+    # of float's new gate config.
+    current = [r for r in children if r.data.tags["litert.superseded"] == "false"]
+    assert sorted(r.data.tags["litert.variant"] for r in current) == sorted(VARIANTS) and len(children) == 3
     assert all(r.data.metrics["passed"] == 1.0 for r in children)
     assert "invocation" in {a.path for a in client.list_artifacts(sync_run.info.run_id)}
     # The offline run rebuilt nothing but reports: the same bytes, so no second version.
