@@ -30,6 +30,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -117,20 +118,20 @@ def reproduce(cfg: PipelineConfig, jobs: int, *, verbose: bool = False) -> int:
     env = {OUTCOMES_ENV: str(outcomes.resolve()), tracking.DEFER_ENV: "1",
            tracking.GIT_COMMIT_ENV: tracking.git_commit()}
     runs = [_WorkerRun(worker, group, env, index + 1) for index, (worker, group) in enumerate(zip(workers, groups))]
-    if cfg.parallel.engine is ParallelEngine.ray:
-        _on_ray(runs, cfg.parallel.ray_address, jobs)
-    else:
-        _on_threads(runs)
-    # What each worker left out of date among its own stages: failed, or skipped after a failure.
-    left = set().union(*(repro.stale_stages(cwd=run.worker) & set(run.stages) for run in runs))
-    failures = [repro.read_outcome(path) for path in sorted(outcomes.glob("*.json"))]
-    for run in runs:
-        if run.worker_failed or set(run.stages) & left:
-            print(f"[worker {run.index}] its DVC output: {run.log}", file=sys.stderr)
-    done = set().union(*groups) - left
     try:
+        if cfg.parallel.engine is ParallelEngine.ray:
+            _on_ray(runs, cfg.parallel.ray_address, jobs)
+        else:
+            _on_threads(runs)
+        # What each worker left out of date among its own stages: failed, or skipped after a failure.
+        left = set().union(*(repro.stale_stages(cwd=run.worker) & set(run.stages) for run in runs))
+        failures = [repro.read_outcome(path) for path in sorted(outcomes.glob("*.json"))]
+        for run in runs:
+            if run.worker_failed or set(run.stages) & left:
+                print(f"[worker {run.index}] its DVC output: {run.log}", file=sys.stderr)
+        done = set().union(*groups) - left
         _bring_home(runs, done)
-    finally:
+    finally:  # the copies go, their logs stay
         for run in runs:
             shutil.rmtree(run.worker, ignore_errors=True)
     print(f"parallel: {len(done)} stage(s) built by {len(groups)} workers", file=sys.stderr)
@@ -216,8 +217,13 @@ def _on_ray(runs: list["_WorkerRun"], address: str, jobs: int) -> None:
         import ray
     except ImportError:
         raise ConfigError("parallel=ray needs Ray: pip install -e '.[ray]'", key="parallel.engine") from None
-    ray.init(address=address or None, num_cpus=None if address else jobs, include_dashboard=False,
-             logging_level="WARNING", log_to_driver=True)
+    _check_reachable(address)
+    try:
+        ray.init(address=address or None, num_cpus=None if address else jobs, include_dashboard=False,
+                 logging_level="WARNING", log_to_driver=True)
+    except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ValueError... here
+        where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+        raise ConfigError(f"could not start or reach {where}: {first_line(exc)}", key="parallel.ray_address") from None
     try:
         task = ray.remote(num_cpus=1, max_retries=0)(run_worker)
         started = {task.remote(str(run.worker.resolve()), run.stages, run.env, run.index, str(run.log.resolve())): run
@@ -242,12 +248,28 @@ def _on_ray(runs: list["_WorkerRun"], address: str, jobs: int) -> None:
         ray.shutdown()
 
 
+RAY_CONNECT_SECONDS = 10
+
+
+def _check_reachable(address: str) -> None:
+    """A head at <host>:<port> answers within seconds; else one line now (Ray itself would wait
+    for it for minutes)."""
+    if address in ("", "auto"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=RAY_CONNECT_SECONDS).close()
+    except OSError as exc:
+        raise ConfigError(f"nothing answers at {address}: {exc.strerror or first_line(exc)}",
+                          key="parallel.ray_address") from None
+
+
 def run_worker(worker: str, stages: list[str], env: dict[str, str], index: int, log: str) -> bool:
     """One worker's `dvc repro --keep-going` of its stages (the body of a Ray task): DVC's
     "Running stage" lines printed tagged with the worker, everything to `log`. Returns whether
     DVC failed; interrupted, DVC stops its stage first."""
     with open(log, "wb") as handle:
-        process = _start_dvc(Path(worker), stages, env, handle)
+        process = _start_dvc(Path(worker), stages, env)
         try:
             _copy_output(process, handle, index)
             return process.wait() != 0
@@ -256,7 +278,7 @@ def run_worker(worker: str, stages: list[str], env: dict[str, str], index: int, 
             raise
 
 
-def _start_dvc(worker: Path, stages: list[str], env: dict[str, str], handle) -> subprocess.Popen:
+def _start_dvc(worker: Path, stages: list[str], env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen([str(repro.BIN / "dvc"), "repro", "--keep-going", *stages], cwd=worker,
                             env={**repro.dvc_env(), **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
@@ -294,7 +316,7 @@ class _WorkerRun:
 
     def start(self) -> None:
         self._handle = open(self.log, "wb")
-        self.process = _start_dvc(self.worker, self.stages, self.env, self._handle)
+        self.process = _start_dvc(self.worker, self.stages, self.env)
         self._thread.start()
 
     def _run(self) -> None:

@@ -155,3 +155,17 @@ def _config(project):
     from pipeline import config
 
     return config.load(project / "params.yaml")
+
+
+def test_an_unreachable_ray_address_is_one_line_at_once():
+    pytest.importorskip("ray")
+    import socket
+
+    from pipeline.errors import ConfigError
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(ConfigError) as caught:
+        parallel._on_ray([], f"127.0.0.1:{port}", 2)
+    assert "parallel.ray_address" in caught.value.one_line() and "nothing answers" in caught.value.one_line()
