@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.set_defaults(func=cmd_sweep)
 
     nightly = commands.add_parser(
-        "nightly", help="run, register passing variants, compare with production, write reports/nightly.{md,json}")
+        "nightly", help="run, register passing variants, compare with production, write nightly/summary.{md,json}")
     nightly.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. 'model=[digits]'")
     nightly.add_argument("--conf", default="conf")
     nightly.add_argument("--name", default="nightly", help="name of the MLflow parent run")

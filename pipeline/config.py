@@ -358,7 +358,7 @@ class NightlyConfig:
     # max_abs_error, *_drop). Metrics not listed are reported but not compared.
     tolerance: Dict[str, float] = field(default_factory=dict)
     # The summary is written to <summary>.md and <summary>.json.
-    summary: str = "reports/nightly"
+    summary: str = "nightly/summary"
 
 
 @dataclass
@@ -589,7 +589,7 @@ def check_function_reference(reference: str, *, trusted: bool, key: str, file: s
                           "trusted: true to import it, only for code you trust", file=file, key=key)
 
 
-RAY_ADDRESS = re.compile(r"auto|(ray://)?[A-Za-z0-9]([A-Za-z0-9.-]{0,252}):[0-9]{1,5}")
+RAY_ADDRESS = re.compile(r"auto|(ray://)?[A-Za-z0-9][A-Za-z0-9.-]{0,252}:(?P<port>[0-9]{1,5})")
 
 
 def check_tracking_uri(uri: str) -> None:
@@ -742,7 +742,8 @@ def _check_references(cfg: PipelineConfig, file: str) -> None:
             raise ConfigError(f"unknown metric (use {', '.join(HIGHER_IS_BETTER)})", file=file,
                               key=f"nightly.tolerance.{metric}")
     _check_inside_project(cfg.nightly.summary, file, "nightly.summary")
-    if cfg.parallel.ray_address and not RAY_ADDRESS.fullmatch(cfg.parallel.ray_address):
+    address = RAY_ADDRESS.fullmatch(cfg.parallel.ray_address)
+    if cfg.parallel.ray_address and not (address and (address["port"] is None or 1 <= int(address["port"]) <= 65535)):
         raise ConfigError("not a Ray address (empty, auto, <host>:<port> or ray://<host>:<port>)", file=file,
                           key="parallel.ray_address")
     if cfg.parallel.ray_address and cfg.parallel.engine is not ParallelEngine.ray:

@@ -39,7 +39,7 @@ from typing import Iterable
 
 import yaml
 
-from pipeline import repro, tracking
+from pipeline import layout, repro, tracking
 from pipeline.config import ParallelEngine, PipelineConfig
 from pipeline.errors import EXIT_OK, OUTCOMES_ENV, ConfigError, OutputError, first_line, most_severe
 from pipeline.io import write_text
@@ -130,11 +130,13 @@ def reproduce(cfg: PipelineConfig, jobs: int, *, verbose: bool = False) -> int:
             if run.worker_failed or set(run.stages) & left:
                 print(f"[worker {run.index}] its DVC output: {run.log}", file=sys.stderr)
         done = set().union(*groups) - left
-        _bring_home(runs, done)
-    finally:  # the copies go, their logs stay
+        _bring_home(runs, done, {failure["stage"] for failure in failures}, cfg)
+    finally:  # the records of what finished come home and the copies go (their logs stay)
         for run in runs:
+            run.collect_records()
             shutil.rmtree(run.worker, ignore_errors=True)
-    print(f"parallel: {len(done)} stage(s) built by {len(groups)} workers", file=sys.stderr)
+    print(f"parallel: {len(groups)} workers built {len(set().union(*groups))} stage(s) of "
+          f"{len({model_of(stage, cfg) for stage in set().union(*groups)})} model(s)", file=sys.stderr)
     # A failed stage is not run twice (its outcome is recorded); with every stage built, the
     # `track` stage runs here, as a serial `dvc repro` ends.
     code = EXIT_OK if left else repro.reproduce(repro.TRACK_STAGE, verbose=verbose)
@@ -150,32 +152,51 @@ LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when PyYAML ha
 DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 
-def _bring_home(runs: list["_WorkerRun"], done: set[str]) -> None:
+def _bring_home(runs: list["_WorkerRun"], done: set[str], failed: set[str], cfg: PipelineConfig) -> None:
     """The dvc.lock entries of the stages the workers built, and the outputs they name, into
-    this project (dvc.lock written once)."""
-    if not done:
-        return
+    this project (dvc.lock written once); and what the stages that failed wrote (a failed
+    gate's validation report), without a lock entry, as a serial `--keep-going` leaves it."""
     lock = yaml.load(LOCK.read_text(encoding="utf-8"), Loader=LOADER) if LOCK.is_file() else None
     lock = lock or {"schema": "2.0", "stages": {}}
     for run in runs:
-        built = (yaml.load((run.worker / LOCK).read_text(encoding="utf-8"), Loader=LOADER) or {}).get("stages", {})
-        for stage in sorted(done & set(run.stages)):
-            entry = built[stage]
+        for stage in sorted(failed & set(run.stages)):
+            kind, _, key = stage.partition("@")
+            for path in sorted(layout.stage_files(kind, key, cfg)[1]):
+                if (run.worker / path).exists():
+                    _replace(run.worker / path, Path(path), stage)
+                elif Path(path).is_file():  # DVC removed it before running the stage, as here
+                    Path(path).unlink()
+        finished = sorted(done & set(run.stages))
+        if not finished:
+            continue
+        worker_lock = run.worker / LOCK
+        try:
+            built = yaml.load(worker_lock.read_text(encoding="utf-8"), Loader=LOADER)["stages"]
+            entries = {stage: built[stage] for stage in finished}
+        except (OSError, yaml.YAMLError, KeyError, TypeError) as exc:
+            raise OutputError(f"a worker's lock lacks what it built ({first_line(exc)})", file=str(worker_lock)) from None
+        for stage, entry in entries.items():
             for out in entry.get("outs", []):
                 path = Path(os.path.normpath(out["path"]))
                 if path.is_absolute() or path.parts[:1] == ("..",):
-                    raise OutputError(f"an output outside the project: {out['path']}", file=str(run.worker / LOCK))
-                _replace(run.worker / path, path)
+                    raise OutputError(f"an output outside the project: {out['path']}", file=str(worker_lock))
+                _replace(run.worker / path, path, stage)
             lock["stages"][stage] = entry
-    write_text(LOCK, yaml.dump(lock, Dumper=DUMPER, sort_keys=False, width=120))
+    if done:
+        write_text(LOCK, yaml.dump(lock, Dumper=DUMPER, sort_keys=False, width=120))
 
 
-def _replace(source: Path, target: Path) -> None:
+def _replace(source: Path, target: Path, stage: str) -> None:
     """`target` becomes `source` (moved: the worker copy is removed next)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if target.is_dir() and not target.is_symlink():
-        shutil.rmtree(target)
-    os.replace(source, target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.is_symlink() or (target.exists() and source.is_dir()):
+            target.unlink()
+        os.replace(source, target)
+    except OSError as exc:
+        raise OutputError(f"could not bring {stage}'s output home: {first_line(exc)}", file=str(target)) from None
 
 
 def _make_worker(folder: Path) -> Path:
@@ -337,5 +358,5 @@ class _WorkerRun:
     def stop(self) -> None:
         if self.process is not None:
             _stop(self.process)
-        if self._thread.is_alive() or self.process is not None:
+        if self._thread.ident is not None:  # started
             self._thread.join()

@@ -56,6 +56,8 @@ def _write_params(tmp_path: Path, old: str, new: str) -> Path:
         ("  engine: local\n  ray_address: ''", "  engine: ray\n  ray_address: 'head:1; rm -rf /'",
          "parallel.ray_address", "not a Ray address"),
         ("  ray_address: ''", "  ray_address: auto", "parallel.ray_address", "needs engine: ray"),
+        ("  engine: local\n  ray_address: ''", "  engine: ray\n  ray_address: 'head:70000'", "parallel.ray_address",
+         "not a Ray address"),
     ],
 )
 def test_bad_params_fail_with_file_and_key(tmp_path, old, new, key, words):

@@ -117,7 +117,7 @@ def test_nightly_passes_unchanged_and_fails_when_a_variant_loses_accuracy(tmp_pa
 
     def run_nightly(*extra):
         result = run_cli("litert-pipeline", "nightly", *OVERRIDES, *extra, cwd=project, env=ENV)
-        summary = json.loads((project / "reports" / "nightly.json").read_text())
+        summary = json.loads((project / "nightly" / "summary.json").read_text())
         return result, {b["variant"]: b for b in summary["builds"]}
 
     first, builds = run_nightly()
@@ -154,11 +154,11 @@ def test_nightly_passes_unchanged_and_fails_when_a_variant_loses_accuracy(tmp_pa
     assert regressed["version"] == 3  # the new bytes are registered, as a candidate
     (accuracy,) = [c for c in regressed["changes"] if c["metric"] == "accuracy"]
     assert accuracy["regressed"] and accuracy["worse_by"] > 0.001
-    markdown = (project / "reports" / "nightly.md").read_text()
+    markdown = (project / "nightly" / "summary.md").read_text()
     assert "FAILED (exit 6)" in markdown and "| digits-dynamic_wi8_afp32 | regressed |" in markdown
 
     experiment = client.get_experiment_by_name("litert-pipeline").experiment_id
     parents = client.search_runs([experiment], "tags.`litert.kind` = 'nightly'", order_by=["attributes.start_time ASC"])
     assert [p.info.status for p in parents] == ["FINISHED", "FINISHED", "FAILED"]
     assert parents[-1].data.metrics["builds_regressed"] == 1
-    assert {"nightly.json", "nightly.md"} <= {a.path for a in client.list_artifacts(parents[-1].info.run_id)}
+    assert {"summary.json", "summary.md"} <= {a.path for a in client.list_artifacts(parents[-1].info.run_id)}

@@ -8,6 +8,7 @@ entries, a clean `dvc status`, and one MLflow run per build with its registry ve
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 
@@ -169,3 +170,23 @@ def test_an_unreachable_ray_address_is_one_line_at_once():
     with pytest.raises(ConfigError) as caught:
         parallel._on_ray([], f"127.0.0.1:{port}", 2)
     assert "parallel.ray_address" in caught.value.one_line() and "nothing answers" in caught.value.one_line()
+
+
+def test_a_gate_failed_in_a_worker_leaves_its_report_home_as_a_serial_run_does(parallel_run):
+    """A stage that fails in a worker
+    stays out of date, and what it wrote before failing (the report naming the failed gate,
+    of the model delivered) comes home; the run exits 4. (Every validate stage fails: a size
+    ratio no build reaches.)"""
+    from pipeline.io import sha256_path
+
+    project, _ = parallel_run
+    result = run_cli("litert-pipeline", "run", "-j", "2", *OVERRIDES, "validation.classifier.max_size_ratio=0.01",
+                     "--name", "parallel-failed", cwd=project, env=ENV)
+    assert result.returncode == 4, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "builds: 0 of 6 passed" in result.stdout
+    for model in MODELS:
+        report = json.loads((project / "reports" / model / "static_wi8_ai8" / "validation.json").read_text())
+        assert not report["passed"] and any("size" in failure for failure in report["failures"])
+        assert report["model_sha256"] == sha256_path(project / "models" / model / "static_wi8_ai8.tflite")
+    stale = set(json.loads(run_cli("dvc", "status", "--json", cwd=project).stdout))
+    assert {f"validate@{m}-static_wi8_ai8" for m in MODELS} <= stale and "track" in stale
