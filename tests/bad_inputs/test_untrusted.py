@@ -93,6 +93,9 @@ TEAM_FACTORY = '''
 """A team's factory that needs a credential (here only checked) to fetch its model."""
 
 
+_MODELS = []  # a concrete function holds its model's variables weakly: keep the model alive
+
+
 def tiny_classifier(path, api_token):
     import keras
     import tensorflow as tf
@@ -100,6 +103,7 @@ def tiny_classifier(path, api_token):
     if not api_token:
         raise ValueError("no token")
     model = keras.models.load_model(path)
+    _MODELS.append(model)
     function = tf.function(lambda image: model(image, training=False),
                            input_signature=[tf.TensorSpec([None, 8, 8, 1], tf.float32, name="image")])
     return [function.get_concrete_function()]
