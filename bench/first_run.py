@@ -1,10 +1,12 @@
 """Time a new user's first `make run`: a fresh clone of this checkout, after installation.
 
     .venv/bin/python bench/first_run.py            # 1 run; --runs N for a median
+    .venv/bin/python bench/first_run.py --jobs 1 2 # `run -j 1` and `run -j 2`, side by side
 
 The clone reuses this interpreter's environment (the install is excluded, as the 5-minute
 goal states) and runs `litert-pipeline run` with the embedded defaults: the default example
-selection, the local MLflow store. Results go to bench/first_run.json.
+selection (digits: 7 builds and an auto-selection; P7), the local MLflow store. Results go to
+bench/first_run.json.
 """
 
 from __future__ import annotations
@@ -23,27 +25,32 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def first_run(folder: Path) -> dict:
+def first_run(folder: Path, jobs: int) -> dict:
     project = folder / "clone"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(project)], check=True)
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "MLFLOW_TRACKING_URI": ""}
     start = time.perf_counter()
-    result = subprocess.run([str(BIN / "litert-pipeline"), "run"], cwd=project, env=env, capture_output=True, text=True)
+    result = subprocess.run([str(BIN / "litert-pipeline"), "run", "-j", str(jobs)], cwd=project, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     summary = next((line for line in result.stdout.splitlines() if line.startswith("builds:")), "")
-    return {"seconds": round(seconds, 1), "exit_code": result.returncode, "summary": summary}
+    return {"jobs": jobs, "seconds": round(seconds, 1), "exit_code": result.returncode, "summary": summary}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--jobs", type=int, nargs="+", default=[1])
+    args = parser.parse_args()
     runs = []
-    for _ in range(parser.parse_args().runs):
-        with tempfile.TemporaryDirectory(prefix="litert-first-run-") as folder:
-            runs.append(first_run(Path(folder)))
-            print(runs[-1], flush=True)
-    result = {"runs": runs, "median_seconds": statistics.median(r["seconds"] for r in runs), "cores": os.cpu_count(),
-              "goal_seconds": 300}
+    for _ in range(args.runs):
+        for jobs in args.jobs:  # interleaved: each job count sees the same machine
+            with tempfile.TemporaryDirectory(prefix="litert-first-run-") as folder:
+                runs.append(first_run(Path(folder), jobs))
+                print(runs[-1], flush=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    medians = {str(jobs): statistics.median(r["seconds"] for r in runs if r["jobs"] == jobs) for jobs in args.jobs}
+    result = {"commit": commit, "runs": runs, "median_seconds": medians, "cores": os.cpu_count(),
+              "goal_seconds": {"first run": 300, "P7": 60}}
     (ROOT / "bench" / "first_run.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

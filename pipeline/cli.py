@@ -26,7 +26,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.errors import ConfigError
 
     if args.jobs > 1 and args.targets:
-        raise ConfigError("-j builds whole models: it cannot be combined with --target", key="--jobs")
+        raise ConfigError("-j builds whatever is out of date: it cannot be combined with --target", key="--jobs")
     invocation = repro.start(args.overrides, args.conf, args.name, kind="repro")
     with repro.ended_on_failure(invocation):
         if args.jobs > 1:

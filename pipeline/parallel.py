@@ -1,25 +1,33 @@
-"""`run -j N`: independent models built at once, each by DVC itself in a copy of the project.
+"""`run -j N`: independent builds at once, each unit built by DVC itself in a copy of the project.
 
 DVC has no parallel `repro` (a repository runs one at a time), but several repositories can
 share one cache (and its run-cache). So:
 
 1. The stages every model shares (datasets, generated data, example models) run here, once.
-2. The models with anything out of date are dealt, whole, to N workers, balanced by stage
-   count. Each worker is a copy of the project under `.litert/workers/` (code, config,
-   dvc.lock and the outputs so far; no git, no MLflow store) using this project's cache; it
-   runs `dvc repro` of its models' stages.
-3. Here, each worker's dvc.lock entries of the stages it built, and their outputs, are
-   brought home: dvc.lock holds what a serial run writes (one process per stage, so the
-   converter's per-call leak stays bounded as before), the delivered bytes are the same (the
-   builds are deterministic) and `dvc status` is clean. Stages that failed stay out of date,
-   as after a serial `dvc repro --keep-going`, and their outcomes give the exit code.
-   (DVC's own way home, `dvc repro` restoring each stage from the run-cache the workers
-   filled, rewrites the whole dvc.lock once per stage: measured 1.5 s a stage at 49 stages,
-   87 % of it YAML, growing with the lock, so 2 workers were no faster than 1. The run-cache
-   is still filled, for `dvc push --run-cache` to other machines.)
+2. What is out of date is cut into units of work: whole models while there are enough to keep
+   every worker busy, and the last models (fewer than the workers) into pieces: the stages
+   before their builds (conversion, calibration), one piece per build (quantize, metadata,
+   validate), and what comes after (auto-selection, the comparison report). 5 models on 2
+   workers split 3 : 2 when dealt whole (measured: 1.42×); with the fifth in pieces, its
+   builds fill both workers.
+3. N workers, each a copy of the project under `.litert/workers/` (code, config, dvc.lock and
+   the outputs so far; no git, no MLflow store) using this project's cache, run `dvc repro` of
+   one unit at a time: the ready unit with the longest chain of stages after it first, on an
+   idle worker (the one holding most of what it needs). Before a worker runs a unit, the
+   outputs and dvc.lock entries of the units it depends on that another worker built are
+   copied into it; DVC finds them up to date there.
+4. As each unit ends, the dvc.lock entries of its stages and the outputs they name come home:
+   dvc.lock holds what a serial run writes (one process per stage, so the converter's
+   per-call leak stays bounded as before), the delivered bytes are the same (the builds are
+   deterministic) and `dvc status` is clean. Stages that failed stay out of date, with what
+   depends on them, as after a serial `dvc repro --keep-going`; their outcomes give the exit
+   code. (DVC's own way home, `dvc repro` restoring each stage from the run-cache the
+   workers filled, rewrites the whole dvc.lock once per stage: measured 1.5 s a stage at 49
+   stages, 87 % of it YAML, growing with the lock, so 2 workers were no faster than 1. The
+   run-cache is still filled, for `dvc push --run-cache` to other machines.)
 
-Stage processes defer their tracking records; each worker's records join this project's as
-soon as it ends, for the `track` stage to upload them once.
+Stage processes defer their tracking records; a worker's records join this project's as each
+unit ends, for the `track` stage to upload them once.
 
 The workers are threads here (`parallel: local`) or Ray tasks (`parallel=ray`: a local Ray
 instance, or a cluster whose nodes see the project and its cache at the same path).
@@ -27,7 +35,9 @@ instance, or a cluster whose nodes see the project and its cache at the same pat
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import queue
 import shutil
 import signal
 import socket
@@ -42,7 +52,7 @@ import yaml
 from pipeline import layout, repro, tracking
 from pipeline.config import ParallelEngine, PipelineConfig
 from pipeline.errors import EXIT_OK, OUTCOMES_ENV, ConfigError, OutputError, first_line, most_severe
-from pipeline.io import write_text
+from pipeline.io import atomic_path, write_text
 
 # Stages of no one model: they run first, here, so no two workers build them.
 SHARED_STAGES = ("data", "generate", "prepare")
@@ -50,6 +60,9 @@ WORKERS = Path(".litert/workers")
 # Not copied into a worker: version control, the caches, MLflow's local store, other workers.
 NOT_COPIED = (".git", ".dvc", ".litert", ".venv", "mlruns", "mlflow.db", "dvc_plots", "__pycache__")
 STOP_SECONDS = 30  # a worker's DVC gets this long to stop its stage after a SIGINT
+LOCK = Path("dvc.lock")
+LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when PyYAML has it
+DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 
 def model_of(stage: str, cfg: PipelineConfig) -> str | None:
@@ -62,26 +75,63 @@ def model_of(stage: str, cfg: PipelineConfig) -> str | None:
     return key if key in cfg.model else None
 
 
-def deal(stages: Iterable[str], cfg: PipelineConfig, workers: int) -> list[list[str]]:
-    """Per-model stages in `workers` groups, whole models each, the largest models first onto
-    the least loaded worker (deterministic: ties by model name)."""
-    by_model: dict[str, list[str]] = {}
-    for stage in sorted(stages):
-        model = model_of(stage, cfg)
-        if model is not None:
-            by_model.setdefault(model, []).append(stage)
-    groups: list[list[str]] = [[] for _ in range(workers)]
-    for model in sorted(by_model, key=lambda m: (-len(by_model[m]), m)):
-        min(groups, key=len).extend(by_model[model])
-    return [group for group in groups if group]
-
-
-def out_of_date_models(cfg: PipelineConfig, graph: dict[str, set[str]], stale: set[str]) -> list[str]:
-    """Every stage of each model that has a stage out of date, or downstream of one (`dvc
-    status` names only the stages whose own inputs changed)."""
+def affected_stages(cfg: PipelineConfig, graph: dict[str, set[str]], stale: set[str]) -> list[str]:
+    """The per-model stages out of date, or downstream of one (`dvc status` names only the
+    stages whose own inputs changed)."""
     stages = set(graph) | {s for upstream in graph.values() for s in upstream} | stale
-    affected = {model_of(stage, cfg) for stage in stages if stage in stale or repro.ancestors(graph, stage) & stale}
-    return sorted(stage for stage in stages if model_of(stage, cfg) in affected - {None})
+    return sorted(stage for stage in stages if model_of(stage, cfg) is not None
+                  and (stage in stale or repro.ancestors(graph, stage) & stale))
+
+
+@dataclasses.dataclass
+class Unit:
+    """Stages one worker builds with one `dvc repro`."""
+
+    name: str
+    stages: list[str]
+    after: set[str] = dataclasses.field(default_factory=set)  # units that must be built first
+    rank: int = 0  # stages on the longest chain from its start to the end: the longest goes first
+
+
+def plan(stages: Iterable[str], graph: dict[str, set[str]], cfg: PipelineConfig, workers: int) -> dict[str, Unit]:
+    """`stages` (per-model) cut into units for `workers` workers: whole models, the largest
+    first, but for the last `count % workers` models, which go in pieces (the stages before
+    their builds, each build, each stage after), so that every worker has work to the end."""
+    stages = sorted(stages)
+    by_model: dict[str, list[str]] = {}
+    for stage in stages:
+        by_model.setdefault(model_of(stage, cfg), []).append(stage)
+    by_size = sorted(by_model, key=lambda m: (-len(by_model[m]), m))
+    whole = set(by_size[:len(by_size) - len(by_size) % workers])
+    builds = [stage for stage in stages if stage.partition("@")[2] in cfg.build]
+    before_builds = set().union(*(repro.ancestors(graph, stage) for stage in builds))
+
+    def piece(stage: str) -> str:
+        kind, _, key = stage.partition("@")
+        model = model_of(stage, cfg)
+        if model in whole:
+            return f"model:{model}"
+        if key in cfg.build:
+            return f"build:{key}"
+        return f"before:{model}" if stage in before_builds else f"{kind}:{key}"
+
+    unit_of = {stage: piece(stage) for stage in stages}
+    units: dict[str, Unit] = {}
+    for stage in sorted(unit_of):
+        units.setdefault(unit_of[stage], Unit(unit_of[stage], [])).stages.append(stage)
+    for unit in units.values():
+        upstream = set().union(*(repro.ancestors(graph, stage) for stage in unit.stages))
+        unit.after = {unit_of[stage] for stage in upstream if stage in unit_of} - {unit.name}
+    below = {name: {other.name for other in units.values() if name in other.after} for name in units}
+
+    def rank(name: str) -> int:
+        if not units[name].rank:
+            units[name].rank = len(units[name].stages) + max((rank(child) for child in below[name]), default=0)
+        return units[name].rank
+
+    for name in units:
+        rank(name)
+    return units
 
 
 def check_parallel_safe(cfg: PipelineConfig) -> None:
@@ -94,7 +144,7 @@ def check_parallel_safe(cfg: PipelineConfig) -> None:
 
 
 def reproduce(cfg: PipelineConfig, jobs: int, *, verbose: bool = False) -> int:
-    """`dvc repro --keep-going` of the whole project with up to `jobs` models at once; the
+    """`dvc repro --keep-going` of the whole project with up to `jobs` units at once; the
     exit code as `repro.reproduce` gives it."""
     check_parallel_safe(cfg)
     stale = repro.stale_stages()
@@ -104,113 +154,196 @@ def reproduce(cfg: PipelineConfig, jobs: int, *, verbose: bool = False) -> int:
         if code != EXIT_OK:
             return code
         stale = repro.stale_stages()
-    groups = deal(out_of_date_models(cfg, repro.stage_graph(), stale), cfg, jobs) if stale else []
-    if len(groups) <= 1:
+    graph = repro.stage_graph()
+    units = plan(affected_stages(cfg, graph, stale), graph, cfg, jobs) if stale else {}
+    if len(units) <= 1:
         return repro.reproduce(verbose=verbose)
+    engine: _Engine = _Ray(cfg.parallel.ray_address, jobs) if cfg.parallel.engine is ParallelEngine.ray else _Threads()
     shutil.rmtree(WORKERS, ignore_errors=True)  # an interrupted run's copies
+    copies: list[_Copy] = []
     try:
-        workers = [_make_worker(WORKERS / f"worker-{index + 1}") for index in range(len(groups))]
-    except OSError as exc:
-        shutil.rmtree(WORKERS, ignore_errors=True)
-        raise OutputError(f"could not copy the project for a worker: {first_line(exc)}", file=str(WORKERS)) from None
-    outcomes = WORKERS / "outcomes"
-    outcomes.mkdir()
-    env = {OUTCOMES_ENV: str(outcomes.resolve()), tracking.DEFER_ENV: "1",
-           tracking.GIT_COMMIT_ENV: tracking.git_commit()}
-    runs = [_WorkerRun(worker, group, env, index + 1) for index, (worker, group) in enumerate(zip(workers, groups))]
-    try:
-        if cfg.parallel.engine is ParallelEngine.ray:
-            _on_ray(runs, cfg.parallel.ray_address, jobs)
-        else:
-            _on_threads(runs)
-        # What each worker left out of date among its own stages: failed, or skipped after a failure.
-        left = set().union(*(repro.stale_stages(cwd=run.worker) & set(run.stages) for run in runs))
+        try:
+            copies = [_Copy.make(index + 1) for index in range(min(jobs, len(units)))]
+        except OSError as exc:
+            raise OutputError(f"could not copy the project for a worker: {first_line(exc)}", file=str(WORKERS)) from None
+        outcomes = WORKERS / "outcomes"
+        outcomes.mkdir()
+        env = {OUTCOMES_ENV: str(outcomes.resolve()), tracking.DEFER_ENV: "1",
+               tracking.GIT_COMMIT_ENV: tracking.git_commit()}
+        left = _Build(units, copies, engine, env, graph, cfg).run()
         failures = [repro.read_outcome(path) for path in sorted(outcomes.glob("*.json"))]
-        for run in runs:
-            if run.worker_failed or set(run.stages) & left:
-                print(f"[worker {run.index}] its DVC output: {run.log}", file=sys.stderr)
-        done = set().union(*groups) - left
-        _bring_home(runs, done, {failure["stage"] for failure in failures}, cfg)
     finally:  # the records of what finished come home and the copies go (their logs stay)
-        for run in runs:
-            run.collect_records()
-            shutil.rmtree(run.worker, ignore_errors=True)
-    print(f"parallel: {len(groups)} workers built {len(set().union(*groups))} stage(s) of "
-          f"{len({model_of(stage, cfg) for stage in set().union(*groups)})} model(s)", file=sys.stderr)
+        engine.close()
+        for copy in copies:
+            copy.collect_records()
+            shutil.rmtree(copy.folder, ignore_errors=True)
+    built = {stage for unit in units.values() for stage in unit.stages}
+    print(f"parallel: {len(copies)} workers built {len(built)} stage(s) of "
+          f"{len({model_of(stage, cfg) for stage in built})} model(s) in {len(units)} unit(s)", file=sys.stderr)
     # A failed stage is not run twice (its outcome is recorded); with every stage built, the
     # `track` stage runs here, as a serial `dvc repro` ends.
     code = EXIT_OK if left else repro.reproduce(repro.TRACK_STAGE, verbose=verbose)
     if not left:
         return code
-    graph = repro.stage_graph()
-    failed = {stage for stage in left if not (graph.get(stage, set()) & left)}
+    failed = {stage for stage in left if not (repro.ancestors(graph, stage) & left)}
     return most_severe([code, repro.summarize_failures(failures, failed)])
 
 
-LOCK = Path("dvc.lock")
-LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when PyYAML has it
-DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+class _Build:
+    """The units, on the copies, in order: returns the stages left out of date."""
 
+    def __init__(self, units: dict[str, Unit], copies: list["_Copy"], engine: "_Engine", env: dict[str, str],
+                 graph: dict[str, set[str]], cfg: PipelineConfig):
+        self.units, self.copies, self.engine, self.env, self.graph, self.cfg = units, copies, engine, env, graph, cfg
+        self.home = _read_lock(LOCK)
+        self.built: set[str] = set()  # stages built this run, their entries and outputs home
+        self.finished: set[str] = set()  # units
+        self.failed: set[str] = set()  # units that failed, or were skipped after a failure
+        self.left: set[str] = set()  # stages
+        self.brought = False
 
-def _bring_home(runs: list["_WorkerRun"], done: set[str], failed: set[str], cfg: PipelineConfig) -> None:
-    """The dvc.lock entries of the stages the workers built, and the outputs they name, into
-    this project (dvc.lock written once); and what the stages that failed wrote (a failed
-    gate's validation report), without a lock entry, as a serial `--keep-going` leaves it."""
-    lock = yaml.load(LOCK.read_text(encoding="utf-8"), Loader=LOADER) if LOCK.is_file() else None
-    lock = lock or {"schema": "2.0", "stages": {}}
-    for run in runs:
-        for stage in sorted(failed & set(run.stages)):
-            kind, _, key = stage.partition("@")
-            for path in sorted(layout.stage_files(kind, key, cfg)[1]):
-                if (run.worker / path).exists():
-                    _replace(run.worker / path, Path(path), stage)
-                elif Path(path).is_file():  # DVC removed it before running the stage, as here
-                    Path(path).unlink()
-        finished = sorted(done & set(run.stages))
-        if not finished:
-            continue
-        worker_lock = run.worker / LOCK
+    def run(self) -> set[str]:
+        waiting = sorted(self.units.values(), key=lambda unit: (-unit.rank, unit.name))
+        idle, running = list(self.copies), {}
         try:
-            built = yaml.load(worker_lock.read_text(encoding="utf-8"), Loader=LOADER)["stages"]
-            entries = {stage: built[stage] for stage in finished}
-        except (OSError, yaml.YAMLError, KeyError, TypeError) as exc:
-            raise OutputError(f"a worker's lock lacks what it built ({first_line(exc)})", file=str(worker_lock)) from None
+            while waiting or running:
+                for unit in [unit for unit in waiting if unit.after & self.failed]:  # as --keep-going skips them
+                    waiting.remove(unit)
+                    self.failed.add(unit.name)
+                    self.left.update(unit.stages)
+                for unit in [unit for unit in waiting if unit.after <= self.finished]:
+                    if not idle:
+                        break
+                    needs = set().union(*(repro.ancestors(self.graph, stage) for stage in unit.stages)) & self.built
+                    copy = max(idle, key=lambda copy: (len(copy.holds & needs), -copy.index))
+                    idle.remove(copy)
+                    waiting.remove(unit)
+                    self._bring_over(needs - copy.holds, copy)
+                    self.engine.submit(copy, unit.stages, self.env)
+                    running[copy.index] = unit
+                if not running:
+                    break
+                copy, dvc_failed = self.engine.next_ended()
+                idle.append(copy)
+                copy.collect_records()
+                self._ended(running.pop(copy.index), copy, dvc_failed)
+        finally:
+            self.engine.stop()
+            if self.brought:
+                _write_lock(LOCK, self.home)
+        return self.left
+
+    def _ended(self, unit: Unit, copy: "_Copy", dvc_failed: bool) -> None:
+        """What the unit built comes home (and what its failed stages wrote, without a lock
+        entry, as a serial `--keep-going` leaves it)."""
+        left = repro.stale_stages(cwd=copy.folder) & set(unit.stages) if dvc_failed else set()
+        if dvc_failed:
+            print(f"[worker {copy.index}] its DVC output: {copy.log}", file=sys.stderr)
+            self.failed.add(unit.name)
+            self.left |= left
+            for stage in sorted(left):
+                kind, _, key = stage.partition("@")
+                for path in sorted(layout.stage_files(kind, key, self.cfg)[1]):
+                    if (copy.folder / path).exists():
+                        _copy_into(copy.folder / path, Path(path), stage)
+                    elif Path(path).is_file():  # DVC removed it before running the stage, as here
+                        Path(path).unlink()
+        else:
+            self.finished.add(unit.name)
+        done = sorted(set(unit.stages) - left)
+        if not done:
+            return
+        try:
+            built = _read_lock(copy.folder / LOCK)["stages"]
+            entries = {stage: built[stage] for stage in done}
+        except (KeyError, TypeError) as exc:
+            raise OutputError(f"a worker's lock lacks what it built ({first_line(exc)})",
+                              file=str(copy.folder / LOCK)) from None
         for stage, entry in entries.items():
-            for out in entry.get("outs", []):
-                path = Path(os.path.normpath(out["path"]))
-                if path.is_absolute() or path.parts[:1] == ("..",):
-                    raise OutputError(f"an output outside the project: {out['path']}", file=str(worker_lock))
-                _replace(run.worker / path, path, stage)
+            if entry != self.home["stages"].get(stage):  # else up to date here already
+                for path in _outputs(entry, copy.folder / LOCK):
+                    _copy_into(copy.folder / path, path, stage)
+                self.home["stages"][stage] = entry
+                self.brought = True
+        self.built.update(done)
+        copy.holds.update(done)
+
+    def _bring_over(self, stages: set[str], copy: "_Copy") -> None:
+        """What other workers built that `copy` needs: their outputs (from home) and dvc.lock entries."""
+        if not stages:
+            return
+        lock = _read_lock(copy.folder / LOCK)
+        for stage in sorted(stages):
+            entry = self.home["stages"][stage]
+            for path in _outputs(entry, LOCK):
+                _copy_into(path, copy.folder / path, stage)
             lock["stages"][stage] = entry
-    if done:
-        write_text(LOCK, yaml.dump(lock, Dumper=DUMPER, sort_keys=False, width=120))
+        _write_lock(copy.folder / LOCK, lock)
+        copy.holds.update(stages)
 
 
-def _replace(source: Path, target: Path, stage: str) -> None:
-    """`target` becomes `source` (moved: the worker copy is removed next)."""
+def _read_lock(path: Path) -> dict:
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        elif target.is_symlink() or (target.exists() and source.is_dir()):
-            target.unlink()
-        os.replace(source, target)
+        lock = yaml.load(path.read_text(encoding="utf-8"), Loader=LOADER) if path.is_file() else None
+    except (OSError, yaml.YAMLError) as exc:
+        raise OutputError(f"unreadable lock: {first_line(exc)}", file=str(path)) from None
+    lock = lock or {"schema": "2.0", "stages": {}}
+    lock.setdefault("stages", {})
+    return lock
+
+
+def _write_lock(path: Path, lock: dict) -> None:
+    write_text(path, yaml.dump(lock, Dumper=DUMPER, sort_keys=False, width=120))
+
+
+def _outputs(entry: dict, lock: Path) -> list[Path]:
+    paths = []
+    for out in entry.get("outs", []):
+        path = Path(os.path.normpath(out["path"]))
+        if path.is_absolute() or path.parts[:1] == ("..",):
+            raise OutputError(f"an output outside the project: {out['path']}", file=str(lock))
+        paths.append(path)
+    return paths
+
+
+def _copy_into(source: Path, target: Path, stage: str) -> None:
+    """`target` becomes a copy of `source`, whole or not at all."""
+    try:
+        with atomic_path(target) as staged:
+            if source.is_dir() and not source.is_symlink():
+                shutil.copytree(source, staged, symlinks=True)
+            else:
+                shutil.copy2(source, staged, follow_symlinks=False)
     except OSError as exc:
-        raise OutputError(f"could not bring {stage}'s output home: {first_line(exc)}", file=str(target)) from None
+        raise OutputError(f"could not copy {stage}'s output: {first_line(exc)}", file=str(target)) from None
 
 
-def _make_worker(folder: Path) -> Path:
-    """A copy of the project using this project's DVC cache, without git."""
-    root = Path.cwd()
-    shutil.copytree(root, folder, symlinks=True, ignore=shutil.ignore_patterns(*NOT_COPIED))
-    (folder / ".dvc").mkdir()
-    shutil.copy2(root / ".dvc" / "config", folder / ".dvc" / "config")
-    for setting, value in (("core.no_scm", "true"), ("cache.dir", str(_cache_dir(root)))):
-        done = subprocess.run([str(repro.BIN / "dvc"), "config", "--local", setting, value], cwd=folder,
-                              capture_output=True, text=True, env=repro.dvc_env())
-        if done.returncode != 0:
-            raise OSError(f"dvc config {setting} failed: {' '.join(done.stderr.split())[:300]}")
-    return folder
+@dataclasses.dataclass
+class _Copy:
+    """One worker's copy of the project, using this project's DVC cache, without git."""
+
+    index: int
+    folder: Path
+    log: Path
+    holds: set[str] = dataclasses.field(default_factory=set)  # stages built this run whose outputs it has
+
+    @classmethod
+    def make(cls, index: int) -> "_Copy":
+        root, folder = Path.cwd(), WORKERS / f"worker-{index}"
+        shutil.copytree(root, folder, symlinks=True, ignore=shutil.ignore_patterns(*NOT_COPIED))
+        (folder / ".dvc").mkdir()
+        shutil.copy2(root / ".dvc" / "config", folder / ".dvc" / "config")
+        for setting, value in (("core.no_scm", "true"), ("cache.dir", str(_cache_dir(root)))):
+            done = subprocess.run([str(repro.BIN / "dvc"), "config", "--local", setting, value], cwd=folder,
+                                  capture_output=True, text=True, env=repro.dvc_env())
+            if done.returncode != 0:
+                raise OSError(f"dvc config {setting} failed: {' '.join(done.stderr.split())[:300]}")
+        return cls(index, folder, WORKERS / f"worker-{index}.log")
+
+    def collect_records(self) -> None:
+        for entry in tracking.pending(self.folder / tracking.DEFERRED_DIR):
+            tracking.DEFERRED_DIR.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(entry), tracking.DEFERRED_DIR / entry.name)
 
 
 def _cache_dir(root: Path) -> Path:
@@ -221,52 +354,85 @@ def _cache_dir(root: Path) -> Path:
     return Path(done.stdout.strip()).resolve()
 
 
-def _on_threads(runs: list["_WorkerRun"]) -> None:
-    try:
-        for run in runs:
-            run.start()
-        for run in runs:
-            run.join()
-    finally:
-        for run in runs:  # interrupted: each worker's DVC stops its stage, then is killed
-            run.stop()
+class _Engine:
+    """Where a worker's `dvc repro` runs."""
+
+    def submit(self, copy: _Copy, stages: list[str], env: dict[str, str]) -> None: ...
+    def next_ended(self) -> tuple[_Copy, bool]: ...  # a copy whose DVC ended, and whether it failed
+    def stop(self) -> None: ...  # what still runs (interrupted) stops
+    def close(self) -> None: ...
 
 
-def _on_ray(runs: list["_WorkerRun"], address: str, jobs: int) -> None:
-    """The workers as Ray tasks of one CPU each; each worker's records are collected as it ends."""
-    try:
-        import ray
-    except ImportError:
-        raise ConfigError("parallel=ray needs Ray: pip install -e '.[ray]'", key="parallel.engine") from None
-    _check_reachable(address)
-    try:
-        ray.init(address=address or None, num_cpus=None if address else jobs, include_dashboard=False,
-                 logging_level="WARNING", log_to_driver=True)
-    except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ValueError... here
-        where = f"the Ray cluster at {address}" if address else "a local Ray instance"
-        raise ConfigError(f"could not start or reach {where}: {first_line(exc)}", key="parallel.ray_address") from None
-    try:
-        task = ray.remote(num_cpus=1, max_retries=0)(run_worker)
-        started = {task.remote(str(run.worker.resolve()), run.stages, run.env, run.index, str(run.log.resolve())): run
-                   for run in runs}
-        waiting = list(started)
+class _Threads(_Engine):
+    """Each worker's DVC a process of its own, its output copied by a thread."""
+
+    def __init__(self):
+        self.ended: queue.Queue[tuple[_Copy, bool]] = queue.Queue()
+        self.running: dict[int, subprocess.Popen] = {}
+
+    def submit(self, copy: _Copy, stages: list[str], env: dict[str, str]) -> None:
+        handle = open(copy.log, "ab")
+        process = self.running[copy.index] = _start_dvc(copy.folder, stages, env)
+
+        def wait() -> None:
+            with handle:
+                _copy_output(process, handle, copy.index)
+            self.ended.put((copy, process.wait() != 0))
+
+        threading.Thread(target=wait, daemon=True).start()
+
+    def next_ended(self) -> tuple[_Copy, bool]:
+        copy, failed = self.ended.get()
+        del self.running[copy.index]
+        return copy, failed
+
+    def stop(self) -> None:
+        for process in self.running.values():  # interrupted: each DVC stops its stage, then is killed
+            _stop(process)
+
+    def close(self) -> None:
+        pass
+
+
+class _Ray(_Engine):
+    """The workers' `dvc repro` as Ray tasks of one CPU each."""
+
+    def __init__(self, address: str, jobs: int):
         try:
-            while waiting:
-                (ended,), waiting = ray.wait(waiting, num_returns=1)
-                run = started[ended]
-                try:
-                    run.worker_failed = ray.get(ended)
-                except ray.exceptions.RayError as exc:  # the task itself died (a node lost, out of memory)
-                    run.worker_failed = True
-                    print(f"[worker {run.index}] Ray: {first_line(exc)}", file=sys.stderr)
-                run.collect_records()
-        except KeyboardInterrupt:
-            for ref in waiting:  # the task gets a KeyboardInterrupt: its DVC stops its stage
-                ray.cancel(ref)
-            ray.wait(waiting, num_returns=len(waiting), timeout=STOP_SECONDS + 5)
-            raise
-    finally:
-        ray.shutdown()
+            import ray
+        except ImportError:
+            raise ConfigError("parallel=ray needs Ray: pip install -e '.[ray]'", key="parallel.engine") from None
+        _check_reachable(address)
+        try:
+            ray.init(address=address or None, num_cpus=None if address else jobs, include_dashboard=False,
+                     logging_level="WARNING", log_to_driver=True)
+        except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ValueError... here
+            where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+            raise ConfigError(f"could not start or reach {where}: {first_line(exc)}", key="parallel.ray_address") from None
+        self.ray = ray
+        self.task = ray.remote(num_cpus=1, max_retries=0)(run_worker)
+        self.running: dict = {}
+
+    def submit(self, copy: _Copy, stages: list[str], env: dict[str, str]) -> None:
+        self.running[self.task.remote(str(copy.folder.resolve()), stages, env, copy.index, str(copy.log.resolve()))] = copy
+
+    def next_ended(self) -> tuple[_Copy, bool]:
+        (ended,), _ = self.ray.wait(list(self.running), num_returns=1)
+        copy = self.running.pop(ended)
+        try:
+            return copy, self.ray.get(ended)
+        except self.ray.exceptions.RayError as exc:  # the task itself died (a node lost, out of memory)
+            print(f"[worker {copy.index}] Ray: {first_line(exc)}", file=sys.stderr)
+            return copy, True
+
+    def stop(self) -> None:
+        for ref in self.running:  # the task gets a KeyboardInterrupt: its DVC stops its stage
+            self.ray.cancel(ref)
+        if self.running:
+            self.ray.wait(list(self.running), num_returns=len(self.running), timeout=STOP_SECONDS + 5)
+
+    def close(self) -> None:
+        self.ray.shutdown()
 
 
 RAY_CONNECT_SECONDS = 10
@@ -286,10 +452,10 @@ def _check_reachable(address: str) -> None:
 
 
 def run_worker(worker: str, stages: list[str], env: dict[str, str], index: int, log: str) -> bool:
-    """One worker's `dvc repro --keep-going` of its stages (the body of a Ray task): DVC's
-    "Running stage" lines printed tagged with the worker, everything to `log`. Returns whether
-    DVC failed; interrupted, DVC stops its stage first."""
-    with open(log, "wb") as handle:
+    """One worker's `dvc repro --keep-going` of some stages (the body of a Ray task): DVC's
+    "Running stage" lines printed tagged with the worker, everything appended to `log`.
+    Returns whether DVC failed; interrupted, DVC stops its stage first."""
+    with open(log, "ab") as handle:
         process = _start_dvc(Path(worker), stages, env)
         try:
             _copy_output(process, handle, index)
@@ -300,8 +466,11 @@ def run_worker(worker: str, stages: list[str], env: dict[str, str], index: int, 
 
 
 def _start_dvc(worker: Path, stages: list[str], env: dict[str, str]) -> subprocess.Popen:
+    # A process group of its own: stopping it reaches the stage too (DVC alone ignores a
+    # SIGINT while a stage runs), and a terminal's Ctrl-C reaches this process, which stops it.
     return subprocess.Popen([str(repro.BIN / "dvc"), "repro", "--keep-going", *stages], cwd=worker,
-                            env={**repro.dvc_env(), **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            env={**repro.dvc_env(), **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
 
 
 def _copy_output(process: subprocess.Popen, handle, index: int) -> None:
@@ -313,50 +482,19 @@ def _copy_output(process: subprocess.Popen, handle, index: int) -> None:
 
 
 def _stop(process: subprocess.Popen) -> None:
-    """SIGINT (DVC stops the stage it runs and leaves no lock behind), then kill."""
+    """SIGINT to DVC and its stage (DVC stops the stage and leaves no lock behind), then kill both."""
     if process.poll() is not None:
         return
-    process.send_signal(signal.SIGINT)
+    _signal_group(process, signal.SIGINT)
     try:
         process.wait(timeout=STOP_SECONDS)
     except subprocess.TimeoutExpired:
-        process.kill()
+        _signal_group(process, signal.SIGKILL)
         process.wait()
 
 
-class _WorkerRun:
-    """One worker: its copy of the project, its stages, its log; run in a thread here (or by
-    `run_worker` in a Ray task). Its tracking records join the project's when it ends."""
-
-    def __init__(self, worker: Path, stages: list[str], env: dict[str, str], index: int):
-        self.worker, self.stages, self.env, self.index = worker, stages, env, index
-        self.log = WORKERS / f"worker-{index}.log"
-        self.process: subprocess.Popen | None = None
-        self.worker_failed = False
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def start(self) -> None:
-        self._handle = open(self.log, "wb")
-        self.process = _start_dvc(self.worker, self.stages, self.env)
-        self._thread.start()
-
-    def _run(self) -> None:
-        assert self.process is not None
-        with self._handle:
-            _copy_output(self.process, self._handle, self.index)
-        self.worker_failed = self.process.wait() != 0
-        self.collect_records()
-
-    def collect_records(self) -> None:
-        for entry in tracking.pending(self.worker / tracking.DEFERRED_DIR):
-            tracking.DEFERRED_DIR.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(entry), tracking.DEFERRED_DIR / entry.name)
-
-    def join(self) -> None:
-        self._thread.join()
-
-    def stop(self) -> None:
-        if self.process is not None:
-            _stop(self.process)
-        if self._thread.ident is not None:  # started
-            self._thread.join()
+def _signal_group(process: subprocess.Popen, signum: int) -> None:
+    try:
+        os.killpg(process.pid, signum)
+    except ProcessLookupError:
+        pass

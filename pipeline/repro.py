@@ -19,7 +19,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterator, NamedTuple
 
 from pipeline import config, layout, tracking
 from pipeline.config import PipelineConfig
@@ -80,21 +80,29 @@ def declare_artifacts(cfg: PipelineConfig) -> None:
     if not DVC_YAML.is_file():
         return
     text = DVC_YAML.read_text(encoding="utf-8")
-    updated = layout.with_dvc_artifacts(text, cfg, {build: verdict for build, verdict, _ in build_verdicts(cfg)})
+    updated = layout.with_dvc_artifacts(text, cfg, {v.build: v.verdict for v in build_verdicts(cfg)})
     if updated != text:
         write_text(DVC_YAML, updated)
 
 
-def build_verdicts(cfg: PipelineConfig) -> list[tuple[str, str, layout.BuildPaths]]:
-    """(build, verdict, paths) of every build and auto-selection: passed (unverified), failed, not
+class Verdict(NamedTuple):
+    build: str
+    verdict: str  # passed (unverified), failed, not validated, not built
+    paths: layout.BuildPaths
+    delivered_sha256: str | None  # of the delivered model, when there is one
+
+
+def build_verdicts(cfg: PipelineConfig) -> list[Verdict]:
+    """The verdict of every build and auto-selection: passed (unverified), failed, not
     validated (the report is of an earlier model), not built."""
     builds = [(b.model, b.variant) for b in cfg.build.values()] + [(m, layout.AUTO_VARIANT) for m in cfg.autoselect]
     verdicts = []
     for model, variant in builds:
         paths = layout.BuildPaths.of(model, variant)
+        delivered = None
         try:
-            report = json.loads(paths.validation_json.read_text(encoding="utf-8"))
             delivered = sha256_path(paths.delivered)
+            report = json.loads(paths.validation_json.read_text(encoding="utf-8"))
         except (OSError, ValueError, InputError):
             verdict = "not built"  # the stages failed before delivering (or validating) it
         else:
@@ -104,7 +112,7 @@ def build_verdicts(cfg: PipelineConfig) -> list[tuple[str, str, layout.BuildPath
                 verdict = "passed" + (" (unverified)" if report.get("verification") == "unverified" else "")
             else:
                 verdict = "failed"
-        verdicts.append((f"{model}-{variant}", verdict, paths))
+        verdicts.append(Verdict(f"{model}-{variant}", verdict, paths, delivered))
     return verdicts
 
 
@@ -156,16 +164,21 @@ def ended_on_failure(invocation: Invocation) -> Iterator[None]:
 def upload_deferred(invocation: Invocation) -> None:
     """Log what the stages of this invocation recorded (runs, metrics, artifacts, registry
     versions), in this one process; without a server they join the queue for `sync`."""
-    cfg = invocation.cfg
     if not tracking.pending(tracking.DEFERRED_DIR):
         return
     if invocation.parent is None:  # tracking.required is false and MLflow was unreachable at the start
         count = tracking.move_deferred_to_pending()
         print(f"warning: MLflow was unreachable: {count} record(s) queued for `litert-pipeline sync`", file=sys.stderr)
         return
+    upload_records(invocation.cfg, invocation.parent)
+
+
+def upload_records(cfg: PipelineConfig, parent: str | None) -> None:
+    """The deferred records, under `parent` (or none); if the server is lost, what is left
+    waits for `sync` (an error when tracking is required)."""
     try:
-        tracking.sync(cfg.tracking, invocation.parent, folder=tracking.DEFERRED_DIR)
-    except TrackingError as exc:  # lost the server: what is left waits for `sync` or the next run
+        tracking.sync(cfg.tracking, parent, folder=tracking.DEFERRED_DIR)
+    except TrackingError as exc:
         count = tracking.move_deferred_to_pending()
         if cfg.tracking.required:
             raise
@@ -187,11 +200,7 @@ def track(cfg: PipelineConfig) -> dict:
             with ended_on_failure(own):
                 upload_deferred(own)
             finish(own, succeeded=True)
-    builds = {}
-    for build, verdict, paths in build_verdicts(cfg):
-        builds[build] = {"verdict": verdict, "model_sha256": sha256_path(paths.delivered) if paths.delivered.is_file()
-                         else None}
-    return {"builds": builds}
+    return {"builds": {v.build: {"verdict": v.verdict, "model_sha256": v.delivered_sha256} for v in build_verdicts(cfg)}}
 
 
 def finish(invocation: Invocation, *, succeeded: bool, metrics: dict[str, float] | None = None,
@@ -206,10 +215,10 @@ def summary(cfg: PipelineConfig) -> str:
     """What a run leaves, for a person: each build's verdict, size and file, where the reports
     and the MLflow UI are."""
     rows, verdicts = [], build_verdicts(cfg)
-    for build, verdict, paths in verdicts:
+    for build, verdict, paths, _ in verdicts:
         size = f"{paths.delivered.stat().st_size / 1024:,.1f} KB" if paths.delivered.is_file() else "-"
         rows.append(f"  {build:<36} {verdict:<20} {size:>11}  {paths.delivered}")
-    passed = sum(verdict.startswith("passed") for _, verdict, _ in verdicts)
+    passed = sum(v.verdict.startswith("passed") for v in verdicts)
     uri = tracking.tracking_uri(cfg.tracking) if cfg.tracking.enabled else None
     ui = (f"{BIN / 'mlflow'} ui --backend-store-uri {uri}" if uri and uri.startswith("sqlite:")
           else tracking.shown(uri) if uri else "tracking is off")

@@ -37,7 +37,7 @@ from typing import Any
 
 from pipeline import config, report, repro, tracking
 from pipeline.build import Build, derive, resolve_model
-from pipeline.errors import EXIT_GATE, EXIT_OK, ConfigError, InputError, PipelineError, TrackingError
+from pipeline.errors import EXIT_GATE, EXIT_OK, ConfigError, InputError, PipelineError
 from pipeline.io import write_json, write_text
 from pipeline.layout import ComparisonPaths
 
@@ -172,13 +172,7 @@ def _log_shared_records() -> None:
     cfg = config.load()
     if not cfg.tracking.enabled or not tracking.pending(tracking.DEFERRED_DIR):
         return
-    try:
-        tracking.sync(cfg.tracking, None, folder=tracking.DEFERRED_DIR)
-    except TrackingError as exc:
-        count = tracking.move_deferred_to_pending()
-        if cfg.tracking.required:
-            raise
-        print(f"warning: {exc.one_line()}: {count} record(s) queued for `litert-pipeline sync`", file=sys.stderr)
+    repro.upload_records(cfg, None)
 
 
 # --- running a member in its working copy ----------------------------------------------------

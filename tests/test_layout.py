@@ -140,7 +140,7 @@ def test_the_delivered_models_are_the_dvc_artifacts(monkeypatch):
     monkeypatch.chdir(ROOT)
     cfg = config.load(ROOT / "params.yaml")
     text = (ROOT / "dvc.yaml").read_text()
-    verdicts = {build: verdict for build, verdict, _ in repro.build_verdicts(cfg)}
+    verdicts = {v.build: v.verdict for v in repro.build_verdicts(cfg)}
     assert layout.with_dvc_artifacts(text, cfg, verdicts) == text, "run `litert-pipeline compose` and commit dvc.yaml"
     with Repo(str(ROOT)) as repo:
         declared = repo.artifacts.read()["dvc.yaml"]

@@ -93,6 +93,28 @@ def test_one_mlflow_run_and_registry_version_per_build(parallel_run):
     assert len(versions) == 6
 
 
+def test_one_edited_model_goes_in_pieces_over_both_workers(parallel_run):
+    """Fewer models out of date than workers: the model is cut into pieces (its calibration,
+    each build, its report), its builds spread over both workers, each given what the other
+    built before it. Reverted (the workers restore it from DVC's run-cache), the project is as
+    before, byte for byte."""
+    project, _ = parallel_run
+    before = _delivered(project), _lock(project)
+    results = [run_cli("litert-pipeline", "run", "-j", "2", *OVERRIDES, f"model.digits_keras.representative.num_samples={n}",
+                       "--name", f"pieces-{n}", cwd=project, env=ENV) for n in (90, 100)]
+    for result in results:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert "in 5 unit(s)" in result.stderr
+    ran = [line.split("] Running stage ") for line in results[0].stdout.splitlines() if "] Running stage" in line]
+    assert {stage.strip("':") for _, stage in ran} == {
+        "representative@digits_keras", "report@digits_keras",
+        *(f"{kind}@digits_keras-{variant}" for kind in ("quantize", "metadata", "validate")
+          for variant in ("float", "dynamic_wi8_afp32", "static_wi8_ai8"))}
+    assert {worker for worker, _ in ran} == {"[worker 1", "[worker 2"}
+    assert run_cli("dvc", "status", "--json", cwd=project).stdout.strip() == "{}"
+    assert (_delivered(project), _lock(project)) == before
+
+
 def test_a_change_rebuilds_its_downstream_stages_in_the_workers(parallel_run):
     """`dvc status` names only the stages whose own inputs changed; the workers must rebuild
     what follows them too, and the project end clean."""
@@ -139,17 +161,57 @@ def test_ray_tasks_build_an_edit_like_local_workers(parallel_run):
 def test_j_refuses_targets_in_one_line(tmp_path):
     result = run_cli("litert-pipeline", "run", "-j", "2", "--target", "report@digits", cwd=tmp_path, env=ENV)
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("error: ")
-    assert "-j builds whole models" in result.stderr
+    assert "cannot be combined with --target" in result.stderr
 
 
-def test_workers_take_whole_models_balanced_by_stage_count():
+def _generated_config(models: int):
+    """The project's config with `models` copies of the digits model, two builds each."""
     from pipeline import config
 
-    cfg = config.load(ROOT / "params.yaml")
-    stages = ["convert@digits", "data@digits_calibration", "prepare@digits_data",
-              *(f"{kind}@digits-{v}" for kind in ("quantize", "metadata", "validate") for v in ("float", "static_wi8_ai8"))]
-    assert parallel.deal(stages, cfg, 2) == [sorted(s for s in stages if parallel.model_of(s, cfg) == "digits")]
-    assert parallel.model_of("prepare@digits_data", cfg) is None and parallel.model_of("validate@digits-float", cfg) == "digits"
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    template = raw["model"]["digits"]
+    raw["model"] = {f"m{i}": template for i in range(models)}
+    raw["build"] = {f"m{i}-{v}": {**raw["build"]["digits-float"], "model": f"m{i}", "variant": v}
+                    for i in range(models) for v in ("float", "static_wi8_ai8")}
+    raw["autoselect"] = {}
+    return config.validate(raw, file="params.yaml")
+
+
+def _graph(cfg) -> dict[str, set[str]]:
+    """Each model's stages as dvc.yaml wires them: convert → representative → (quantize →
+    metadata → validate) per build → report; every model reads a shared dataset."""
+    graph: dict[str, set[str]] = {}
+    for model in cfg.model:
+        graph[f"convert@{model}"] = {"data@digits_evaluation"}
+        graph[f"representative@{model}"] = {f"convert@{model}"}
+        builds = [key for key, build in cfg.build.items() if build.model == model]
+        for build in builds:
+            graph[f"quantize@{build}"] = {f"convert@{model}", f"representative@{model}"}
+            graph[f"metadata@{build}"] = {f"quantize@{build}"}
+            graph[f"validate@{build}"] = {f"metadata@{build}"}
+        graph[f"report@{model}"] = {f"validate@{build}" for build in builds}
+    return graph
+
+
+def test_units_are_whole_models_but_for_the_last_ones_which_go_in_pieces():
+    cfg = _generated_config(3)
+    graph = _graph(cfg)
+    stages = parallel.affected_stages(cfg, graph, {"convert@m0", "convert@m1", "convert@m2"})
+    assert len(stages) == 3 * 9 and "data@digits_evaluation" not in stages
+    units = parallel.plan(stages, graph, cfg, 2)
+    # Two models whole (one per worker), the third in pieces: before its builds, each build, after.
+    assert set(units) == {"model:m0", "model:m1", "before:m2", "build:m2-float", "build:m2-static_wi8_ai8", "report:m2"}
+    assert units["build:m2-float"].stages == ["metadata@m2-float", "quantize@m2-float", "validate@m2-float"]
+    assert units["build:m2-float"].after == {"before:m2"} and units["model:m0"].after == set()
+    assert units["report:m2"].after == {"before:m2", "build:m2-float", "build:m2-static_wi8_ai8"}
+    # The longest chain first: a whole model (9 stages), then the third model's first piece (2 + 3 + 1).
+    assert units["model:m0"].rank == 9 and units["before:m2"].rank == 6 and units["report:m2"].rank == 1
+    # As many models as workers: all whole; one model alone: all pieces.
+    assert set(parallel.plan(stages, graph, cfg, 3)) == {"model:m0", "model:m1", "model:m2"}
+    one = parallel.plan(parallel.affected_stages(cfg, graph, {"validate@m1-float"}), graph, cfg, 2)
+    assert {name: unit.stages for name, unit in one.items()} == {"build:m1-float": ["validate@m1-float"],
+                                                                  "report:m1": ["report@m1"]}
+    assert parallel.model_of("data@digits_evaluation", cfg) is None and parallel.model_of("validate@m0-float", cfg) == "m0"
 
 
 def _config(project):
@@ -168,7 +230,7 @@ def test_an_unreachable_ray_address_is_one_line_at_once():
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     with pytest.raises(ConfigError) as caught:
-        parallel._on_ray([], f"127.0.0.1:{port}", 2)
+        parallel._Ray(f"127.0.0.1:{port}", 2)
     assert "parallel.ray_address" in caught.value.one_line() and "nothing answers" in caught.value.one_line()
 
 

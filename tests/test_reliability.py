@@ -23,13 +23,12 @@ REVIEWED = {
     "pipeline/examples.py": "every builder writes into the folder build_example stages with atomic_path",
     "pipeline/sweep.py:run_stages": "a progress log, meant to be read while it grows",
     "pipeline/tracking.py:set_aside": "moves a queued record within .litert/: a rename, whole or not at all",
-    "pipeline/parallel.py:_make_worker": "a throwaway worker copy under .litert/workers/, removed after the run",
-    "pipeline/parallel.py:start": "a worker's DVC log, meant to be read while it grows",
+    "pipeline/parallel.py:make": "a throwaway worker copy under .litert/workers/, removed after the run",
+    "pipeline/parallel.py:submit": "a worker's DVC log, meant to be read while it grows",
     "pipeline/parallel.py:run_worker": "a worker's DVC log (a Ray task's), meant to be read while it grows",
     "pipeline/parallel.py:collect_records": "moves a worker's finished records within .litert/: a rename, whole or "
                                             "not at all",
-    "pipeline/parallel.py:_bring_home": "yaml.dump returns the text write_text writes atomically; outputs come "
-                                        "home by renames (_replace)",
+    "pipeline/parallel.py:_write_lock": "yaml.dump returns the text write_text writes atomically",
 }
 
 
