@@ -134,6 +134,11 @@ def plan(stages: Iterable[str], graph: dict[str, set[str]], cfg: PipelineConfig,
     return units
 
 
+def _any_independent(units: dict[str, Unit]) -> bool:
+    """Whether two units could run at once."""
+    return any(a != b and a not in units[b].after and b not in units[a].after for a in units for b in units)
+
+
 def check_parallel_safe(cfg: PipelineConfig) -> None:
     """A worker is a copy of the project elsewhere: a source outside the project would resolve
     to another file there."""
@@ -154,9 +159,9 @@ def reproduce(cfg: PipelineConfig, jobs: int, *, verbose: bool = False) -> int:
         if code != EXIT_OK:
             return code
         stale = repro.stale_stages()
-    graph = repro.stage_graph()
+    graph = repro.stage_graph() if stale else {}
     units = plan(affected_stages(cfg, graph, stale), graph, cfg, jobs) if stale else {}
-    if len(units) <= 1:
+    if not _any_independent(units):  # one unit, or each waiting for the one before: nothing to share
         return repro.reproduce(verbose=verbose)
     engine: _Engine = _Ray(cfg.parallel.ray_address, jobs) if cfg.parallel.engine is ParallelEngine.ray else _Threads()
     shutil.rmtree(WORKERS, ignore_errors=True)  # an interrupted run's copies
@@ -221,7 +226,8 @@ class _Build:
                     self._bring_over(needs - copy.holds, copy)
                     self.engine.submit(copy, unit.stages, self.env)
                     running[copy.index] = unit
-                if not running:
+                if not running:  # nothing can start (cannot happen in a DAG): left, not lost
+                    self.left.update(stage for unit in waiting for stage in unit.stages)
                     break
                 copy, dvc_failed = self.engine.next_ended()
                 idle.append(copy)
@@ -250,6 +256,9 @@ class _Build:
                         Path(path).unlink()
         else:
             self.finished.add(unit.name)
+        ended = len(self.finished | self.failed)
+        print(f"[{ended}/{len(self.units)} units] {unit.name}: {'failed' if dvc_failed else 'built'} "
+              f"by worker {copy.index}", flush=True)
         done = sorted(set(unit.stages) - left)
         if not done:
             return
@@ -371,8 +380,8 @@ class _Threads(_Engine):
         self.running: dict[int, subprocess.Popen] = {}
 
     def submit(self, copy: _Copy, stages: list[str], env: dict[str, str]) -> None:
-        handle = open(copy.log, "ab")
         process = self.running[copy.index] = _start_dvc(copy.folder, stages, env)
+        handle = open(copy.log, "ab")
 
         def wait() -> None:
             with handle:

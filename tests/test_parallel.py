@@ -211,6 +211,8 @@ def test_units_are_whole_models_but_for_the_last_ones_which_go_in_pieces():
     one = parallel.plan(parallel.affected_stages(cfg, graph, {"validate@m1-float"}), graph, cfg, 2)
     assert {name: unit.stages for name, unit in one.items()} == {"build:m1-float": ["validate@m1-float"],
                                                                   "report:m1": ["report@m1"]}
+    # Those two run one after the other: nothing for a second worker (they run here, serially).
+    assert not parallel._any_independent(one) and parallel._any_independent(units)
     assert parallel.model_of("data@digits_evaluation", cfg) is None and parallel.model_of("validate@m0-float", cfg) == "m0"
 
 
