@@ -14,8 +14,10 @@ share one cache (and its run-cache). So:
    the outputs so far; no git, no MLflow store) using this project's cache, run `dvc repro` of
    one unit at a time: the ready unit with the longest chain of stages after it first, on an
    idle worker (the one holding most of what it needs). Before a worker runs a unit, the
-   outputs and dvc.lock entries of the units it depends on that another worker built are
-   copied into it; DVC finds them up to date there.
+   outputs of the units it depends on that another worker built are copied into it, and its
+   dvc.lock is cut to the entries of the unit's stages and of those they depend on: DVC finds
+   them up to date there, and rewrites a small lock after each stage instead of the whole
+   project's (4 s of YAML a stage at 5 models, measured, and growing with every model).
 4. As each unit ends, the dvc.lock entries of its stages and the outputs they name come home:
    dvc.lock holds what a serial run writes (one process per stage, so the converter's
    per-call leak stays bounded as before), the delivered bytes are the same (the builds are
@@ -153,6 +155,9 @@ def reproduce(cfg: PipelineConfig, jobs: int, *, verbose: bool = False) -> int:
     exit code as `repro.reproduce` gives it."""
     check_parallel_safe(cfg)
     stale = repro.stale_stages()
+    if not stale:  # `dvc status` found every stage up to date: `dvc repro` would do nothing
+        print("Data and pipelines are up to date.")
+        return EXIT_OK
     shared = sorted(stage for stage in stale if stage.partition("@")[0] in SHARED_STAGES)
     if shared:  # the datasets and example models every worker reads
         code = repro.reproduce(*shared, verbose=verbose)

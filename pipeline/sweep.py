@@ -424,6 +424,11 @@ def hydra_value(value: Any) -> str:
 def experiment_overrides(member: Member, overrides: list[str]) -> list[str]:
     """`dvc exp run -S` overrides making DVC compose exactly the member's params."""
     extra = ["~build", f"+build={hydra_value(member.params['build'])}", "~autoselect", "+autoselect={}"]
+    # DVC composes conf/ itself: select only the data and examples the member uses, as our
+    # compose keeps them (a dataset of an example not built would be a stage that cannot run).
+    for group in ("dataset", "generator", "examples"):
+        if not any(o.lstrip("+~").split("=")[0] == group for o in overrides):
+            extra.append(f"{group}=[{','.join(member.params.get(group) or [])}]")
     if member.label != member.variant:
         extra.append(f"+quantization.{member.label}={hydra_value(member.params['quantization'][member.label])}")
     return [*overrides, *extra]
