@@ -428,7 +428,10 @@ def experiment_overrides(member: Member, overrides: list[str]) -> list[str]:
     # compose keeps them (a dataset of an example not built would be a stage that cannot run).
     for group in ("dataset", "generator", "examples"):
         if not any(o.lstrip("+~").split("=")[0] == group for o in overrides):
-            extra.append(f"{group}=[{','.join(member.params.get(group) or [])}]")
+            names = list(member.params.get(group) or [])
+            extra.append(f"{group}=[{','.join(names)}]")
+            if not names and group != "examples":  # no group option selected leaves no key: dvc.yaml loops on it
+                extra.append(f"+{group}={{}}")
     if member.label != member.variant:
         extra.append(f"+quantization.{member.label}={hydra_value(member.params['quantization'][member.label])}")
     return [*overrides, *extra]

@@ -37,6 +37,7 @@ def all_examples_params() -> dict:
 
 # What `make run` leaves beside the sources: a copy must not inherit the run's lock.
 RUN_OUTPUTS = ("dvc.lock",)
+RUN_OUTPUT_FOLDERS = ("comparison/",)  # its report.json is left visible to git for DVC experiments
 
 
 def copy_project(target: Path, root: Path = ROOT) -> Path:
@@ -45,7 +46,8 @@ def copy_project(target: Path, root: Path = ROOT) -> Path:
         return subprocess.run(["git", "ls-files", *options], cwd=root, capture_output=True, text=True,
                               check=True).stdout.split()
 
-    new = [name for name in files("--others", "--exclude-standard") if name not in RUN_OUTPUTS]
+    new = [name for name in files("--others", "--exclude-standard")
+           if name not in RUN_OUTPUTS and not name.startswith(RUN_OUTPUT_FOLDERS)]
     for name in files("--cached") + new:
         source = root / name
         if source.is_file() and not name.startswith(("tests/", "bench/")):

@@ -67,6 +67,8 @@ def test_sweeps_expand_like_hydra_and_experiments_compose_to_the_member():
     composed = _raw(sweep.experiment_overrides(member, members[1]))
     assert composed["build"] == member.params["build"] and composed["autoselect"] == {}
     assert composed["quantization"][member.label] == member.params["quantization"][member.label]
+    # Only the data the member uses: DVC would otherwise add stages for examples never built.
+    assert set(composed["dataset"]) == set(member.params["dataset"]) and composed["generator"] == {}
 
 
 def test_sweep_configs_declare_their_sweeps():
