@@ -432,6 +432,10 @@ def experiment_overrides(member: Member, overrides: list[str]) -> list[str]:
             extra.append(f"{group}=[{','.join(names)}]")
             if not names and group != "examples":  # no group option selected leaves no key: dvc.yaml loops on it
                 extra.append(f"+{group}={{}}")
+    # And the models' and data's settings as compose spelled them (every default): the shared stages'
+    # params must be the same, or the first member runs conversion and calibration again.
+    extra += [f"++{group}.{name}={hydra_value(section)}" for group in ("model", "dataset", "generator")
+              for name, section in (member.params.get(group) or {}).items()]
     if member.label != member.variant:
         extra.append(f"+quantization.{member.label}={hydra_value(member.params['quantization'][member.label])}")
     return [*overrides, *extra]

@@ -69,6 +69,8 @@ def test_sweeps_expand_like_hydra_and_experiments_compose_to_the_member():
     assert composed["quantization"][member.label] == member.params["quantization"][member.label]
     # Only the data the member uses: DVC would otherwise add stages for examples never built.
     assert set(composed["dataset"]) == set(member.params["dataset"]) and composed["generator"] == {}
+    # The shared stages' params exactly as compose spelled them: no member reruns them.
+    assert composed["model"] == member.params["model"] and composed["dataset"] == member.params["dataset"]
 
 
 def test_sweep_configs_declare_their_sweeps():
