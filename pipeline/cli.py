@@ -37,8 +37,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             code = repro.reproduce(*args.targets, verbose=args.verbose)
         repro.upload_deferred(invocation)
     repro.finish(invocation, succeeded=code == 0)  # with the report stages' comparison of the variants
-    repro.declare_artifacts(invocation.cfg)  # with this run's verdicts
-    print(repro.summary(invocation.cfg))
+    verdicts = repro.build_verdicts(invocation.cfg)  # hashes every delivered model: once
+    repro.declare_artifacts(invocation.cfg, verdicts)
+    print(repro.summary(invocation.cfg, verdicts))
     return code
 
 

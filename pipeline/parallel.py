@@ -105,15 +105,18 @@ def plan(stages: Iterable[str], graph: dict[str, set[str]], cfg: PipelineConfig,
         by_model.setdefault(model_of(stage, cfg), []).append(stage)
     by_size = sorted(by_model, key=lambda m: (-len(by_model[m]), m))
     whole = set(by_size[:len(by_size) - len(by_size) % workers])
-    builds = [stage for stage in stages if stage.partition("@")[2] in cfg.build]
-    before_builds = set().union(*(repro.ancestors(graph, stage) for stage in builds))
+    def build_of(stage: str) -> str | None:
+        key = stage.partition("@")[2]
+        return key if key in cfg.build else None
+
+    before_builds = set().union(*(repro.ancestors(graph, stage) for stage in stages if build_of(stage)))
 
     def piece(stage: str) -> str:
         kind, _, key = stage.partition("@")
         model = model_of(stage, cfg)
         if model in whole:
             return f"model:{model}"
-        if key in cfg.build:
+        if build_of(stage):
             return f"build:{key}"
         return f"before:{model}" if stage in before_builds else f"{kind}:{key}"
 
@@ -156,7 +159,7 @@ def reproduce(cfg: PipelineConfig, jobs: int, *, verbose: bool = False) -> int:
     check_parallel_safe(cfg)
     stale = repro.stale_stages()
     if not stale:  # `dvc status` found every stage up to date: `dvc repro` would do nothing
-        print("Data and pipelines are up to date.")
+        print("Nothing to build: every stage is up to date (dvc status).")
         return EXIT_OK
     shared = sorted(stage for stage in stale if stage.partition("@")[0] in SHARED_STAGES)
     if shared:  # the datasets and example models every worker reads

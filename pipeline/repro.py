@@ -75,12 +75,14 @@ def write_composed(overrides: list[str], conf_dir: str, output: str = config.PAR
     return cfg
 
 
-def declare_artifacts(cfg: PipelineConfig) -> None:
-    """dvc.yaml's artifacts section for `cfg`'s builds, each with its current validation verdict."""
+def declare_artifacts(cfg: PipelineConfig, verdicts: list[Verdict] | None = None) -> None:
+    """dvc.yaml's artifacts section for `cfg`'s builds, each with its validation verdict
+    (`verdicts`, or as the files say now)."""
     if not DVC_YAML.is_file():
         return
     text = DVC_YAML.read_text(encoding="utf-8")
-    updated = layout.with_dvc_artifacts(text, cfg, {v.build: v.verdict for v in build_verdicts(cfg)})
+    verdicts = build_verdicts(cfg) if verdicts is None else verdicts
+    updated = layout.with_dvc_artifacts(text, cfg, {v.build: v.verdict for v in verdicts})
     if updated != text:
         write_text(DVC_YAML, updated)
 
@@ -211,10 +213,10 @@ def finish(invocation: Invocation, *, succeeded: bool, metrics: dict[str, float]
                             artifacts=attached)
 
 
-def summary(cfg: PipelineConfig) -> str:
+def summary(cfg: PipelineConfig, verdicts: list[Verdict]) -> str:
     """What a run leaves, for a person: each build's verdict, size and file, where the reports
     and the MLflow UI are."""
-    rows, verdicts = [], build_verdicts(cfg)
+    rows = []
     for build, verdict, paths, _ in verdicts:
         size = f"{paths.delivered.stat().st_size / 1024:,.1f} KB" if paths.delivered.is_file() else "-"
         rows.append(f"  {build:<36} {verdict:<20} {size:>11}  {paths.delivered}")

@@ -53,8 +53,8 @@ def test_the_summary_gives_verdicts_only_for_the_bytes_they_were_made_on(tmp_pat
             paths.delivered.write_bytes(delivered)
         digest = hashlib.sha256(delivered if (model, variant) == passed else b"earlier run").hexdigest()
         paths.validation_json.write_text(json.dumps({"passed": True, "model_sha256": digest}))
-    lines = {line.split()[0]: line for line in repro.summary(cfg).splitlines()[1:] if line.startswith("  ")}
+    lines = {line.split()[0]: line for line in repro.summary(cfg, repro.build_verdicts(cfg)).splitlines()[1:] if line.startswith("  ")}
     assert " passed " in lines["-".join(passed)]
     assert "not validated" in lines["-".join(stale)]
     assert "not built" in lines["-".join(missing)]
-    assert repro.summary(cfg).splitlines()[0] == f"builds: 1 of {len(builds) + len(cfg.autoselect)} passed"
+    assert repro.summary(cfg, repro.build_verdicts(cfg)).splitlines()[0] == f"builds: 1 of {len(builds) + len(cfg.autoselect)} passed"
