@@ -4,7 +4,7 @@
     .venv/bin/python bench/run.py --quick        # 1 repetition, digits only: a smoke test
     .venv/bin/python bench/run.py --p1-only      # P1 alone (about 15 min): bench/p1.{json,md}
 
-P1  cold `dvc repro` of MobileNetV2 x {float, dynamic_wi8_afp32, converter_float16,
+P1  cold `dvc repro` of MobileNetV2 x {float, dynamic_wi8_afp32, weight_only_wf16_afp32,
     static_wi8_ai8} vs bench/bare_converter.py (TFLiteConverter: float, dynamic, float16,
     int8), also with tracking off. Both start from the same prebuilt SavedModel: building
     the example (the `prepare` stage) is excluded from both. Also the one command a user
@@ -68,7 +68,7 @@ IMPORT_CHECKS = [
     ("convert", ["stages.convert", "digits"], True),
     ("representative", ["stages.representative", "digits"], False),
     ("quantize (litert)", ["stages.quantize", "digits-static_wi8_ai8"], False),
-    ("quantize (converter)", ["stages.quantize", "digits-converter_float16"], True),
+    ("quantize (converter)", ["stages.quantize", "digits-converter_int8"], True),
     ("metadata", ["stages.metadata", "digits-static_wi8_ai8"], False),
     ("validate", ["stages.validate", "digits-static_wi8_ai8", "--model", "models/digits/static_wi8_ai8.tflite"], False),
 ]
@@ -267,7 +267,8 @@ def ideal_ratio(variant: dict[str, Any]) -> float:
         return IDEAL_RATIO["float32"]
     if backend == "converter":
         return IDEAL_RATIO["float16" if variant.get("mode") == "float16" else "int8"]
-    return IDEAL_RATIO["int4" if "wi4" in str(variant.get("recipe")) else "int8"]
+    recipe = str(variant.get("recipe"))
+    return IDEAL_RATIO["int4" if "wi4" in recipe else "float16" if "wf16" in recipe else "int8"]
 
 
 def quality(project: Path) -> list[dict[str, Any]]:
@@ -416,7 +417,7 @@ def to_markdown(results: dict[str, Any]) -> str:
              f"load average at start: {results['load_at_start']}.", ""]
     p1 = results.get("p1")
     if p1:
-        lines += ["**P1, cold `dvc repro`, MobileNetV2 x {float, dynamic_wi8_afp32, converter_float16, "
+        lines += ["**P1, cold `dvc repro`, MobileNetV2 x {float, dynamic_wi8_afp32, weight_only_wf16_afp32, "
                   "static_wi8_ai8}** (building the example is excluded from both)", "",
                   "| run | median s | x bare | goal |", "| --- | --- | --- | --- |"]
         for name, seconds in p1["median_seconds"].items():

@@ -50,7 +50,7 @@ def test_every_build_yields_a_runnable_model(repro):
     from ai_edge_litert.interpreter import Interpreter
 
     builds = _builds(repro)
-    assert {"digits-float", "digits-dynamic_wi8_afp32", "digits-static_wi8_ai8", "digits-converter_float16"} <= set(builds)
+    assert {"digits-float", "digits-dynamic_wi8_afp32", "digits-static_wi8_ai8", "digits-weight_only_wf16_afp32"} <= set(builds)
     samples = np.load(repro / "artifacts" / "digits" / "reference.npz")["input:image"][:1]
     for build in builds.values():
         path = repro / "artifacts" / "digits" / "quantized" / f"{build.variant}.tflite"

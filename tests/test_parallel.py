@@ -21,9 +21,10 @@ from tests.conftest import ROOT, copy_project, run_cli
 pytestmark = pytest.mark.e2e
 
 MODELS = ["digits_keras", "digits_h5"]
-# Two small models, three LiteRT Quantizer builds each (no converter builds, no auto-selection).
+# Two small models, three builds each: float, dynamic and static int8 (no float16, no converter
+# build, no auto-selection).
 OVERRIDES = [f"model=[{','.join(MODELS)}]", *(f"~autoselect.{m}" for m in MODELS),
-             *(f"~build.{m}-{v}" for m in MODELS for v in ("converter_float16", "converter_int8"))]
+             *(f"~build.{m}-{v}" for m in MODELS for v in ("weight_only_wf16_afp32", "converter_int8"))]
 ENV = {"GIT_AUTHOR_NAME": "ci", "GIT_AUTHOR_EMAIL": "ci@localhost", "GIT_COMMITTER_NAME": "ci",
        "GIT_COMMITTER_EMAIL": "ci@localhost", "MLFLOW_TRACKING_URI": ""}
 ORDER = ("convert", "representative", "quantize", "metadata", "validate", "report")
