@@ -27,19 +27,34 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.jobs > 1 and args.targets:
         raise ConfigError("-j builds whatever is out of date: it cannot be combined with --target", key="--jobs")
-    invocation = repro.start(args.overrides, args.conf, args.name, kind="repro")
+    cfg = repro.compose_checked(args.overrides, args.conf)
+    stale = None
+    if args.jobs > 1:
+        from pipeline import parallel
+
+        parallel.check_parallel_safe(cfg)
+        stale = repro.stale_stages()  # -j asks anyway: before MLflow, whose import alone takes 2.4-4.7 s
+        if not stale and repro.nothing_to_upload():
+            print("Nothing to build: every stage is up to date (dvc status); no MLflow run opened.")
+            return _summarized(cfg, EXIT_OK)
+    invocation = repro.start(cfg, args.name, kind="repro")
     with repro.ended_on_failure(invocation):
         if args.jobs > 1:
-            from pipeline import parallel
-
-            code = parallel.reproduce(invocation.cfg, args.jobs, verbose=args.verbose)
+            code = parallel.reproduce(cfg, args.jobs, stale=stale, verbose=args.verbose)
         else:
             code = repro.reproduce(*args.targets, verbose=args.verbose)
         repro.upload_deferred(invocation)
     repro.finish(invocation, succeeded=code == 0)  # with the report stages' comparison of the variants
-    verdicts = repro.build_verdicts(invocation.cfg)  # hashes every delivered model: once
-    repro.declare_artifacts(invocation.cfg, verdicts)
-    print(repro.summary(invocation.cfg, verdicts))
+    return _summarized(cfg, code)
+
+
+def _summarized(cfg, code: int) -> int:
+    """dvc.yaml's artifacts with this run's verdicts, and the summary; returns `code`."""
+    from pipeline import repro
+
+    verdicts = repro.build_verdicts(cfg)  # hashes every delivered model: once
+    repro.declare_artifacts(cfg, verdicts)
+    print(repro.summary(cfg, verdicts))
     return code
 
 

@@ -157,7 +157,7 @@ def _cell(value: Any) -> str:
 
 def run_nightly(overrides: list[str], conf_dir: str, name: str, *, verbose: bool = False, jobs: int = 1) -> int:
     started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    invocation = repro.start(overrides, conf_dir, name, kind="nightly")
+    invocation = repro.start(repro.compose_checked(overrides, conf_dir), name, kind="nightly")
     with repro.ended_on_failure(invocation):
         return _nightly(invocation, name, started, verbose, jobs)
 

@@ -153,11 +153,11 @@ def check_parallel_safe(cfg: PipelineConfig) -> None:
                               key=f"model.{name}.source.path")
 
 
-def reproduce(cfg: PipelineConfig, jobs: int, *, verbose: bool = False) -> int:
+def reproduce(cfg: PipelineConfig, jobs: int, *, stale: set[str] | None = None, verbose: bool = False) -> int:
     """`dvc repro --keep-going` of the whole project with up to `jobs` units at once; the
-    exit code as `repro.reproduce` gives it."""
+    exit code as `repro.reproduce` gives it. `stale`: what `dvc status` said, if just asked."""
     check_parallel_safe(cfg)
-    stale = repro.stale_stages()
+    stale = repro.stale_stages() if stale is None else stale
     if not stale:  # `dvc status` found every stage up to date: `dvc repro` would do nothing
         print("Nothing to build: every stage is up to date (dvc status).")
         return EXIT_OK

@@ -118,10 +118,20 @@ def build_verdicts(cfg: PipelineConfig) -> list[Verdict]:
     return verdicts
 
 
-def start(overrides: list[str], conf_dir: str, name: str, kind: str) -> Invocation:
-    """Compose params.yaml, open the parent run and upload what earlier offline runs queued."""
+def compose_checked(overrides: list[str], conf_dir: str) -> PipelineConfig:
+    """Compose params.yaml and check that the files it names exist."""
     cfg = write_composed(overrides, conf_dir)
     config.check_inputs_exist(cfg, conf_dir)
+    return cfg
+
+
+def nothing_to_upload() -> bool:
+    """No records wait: neither the queue of an offline run nor an interrupted one's deferred records."""
+    return not tracking.pending() and not tracking.pending(tracking.DEFERRED_DIR)
+
+
+def start(cfg: PipelineConfig, name: str, kind: str) -> Invocation:
+    """Open the parent run of the composed `cfg` and upload what earlier offline runs queued."""
     parent = tracking.start_parent_run(cfg.tracking, name, {"kind": kind})
     os.environ.pop(tracking.PARENT_ENV, None)
     os.environ.pop(tracking.OFFLINE_ENV, None)

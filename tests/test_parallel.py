@@ -66,6 +66,19 @@ def test_two_workers_build_and_the_project_takes_their_results_home(parallel_run
     assert not list((project / ".litert" / "deferred").iterdir())
 
 
+def test_a_run_with_nothing_to_build_opens_no_mlflow_run(parallel_run):
+    from mlflow import MlflowClient
+
+    project, _ = parallel_run
+    again = run_cli("litert-pipeline", "run", "-j", "2", *OVERRIDES, "--name", "nothing-to-do", cwd=project, env=ENV)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Nothing to build" in again.stdout and "builds: 6 of 6 passed" in again.stdout
+    assert "Running stage" not in again.stdout
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("litert-pipeline")
+    assert not client.search_runs([experiment.experiment_id], "attributes.run_name = 'nothing-to-do'")
+
+
 def test_parallel_builds_are_a_serial_runs_bytes(parallel_run):
     project, _ = parallel_run
     delivered, lock = _delivered(project), _lock(project)
