@@ -12,6 +12,17 @@ from pipeline.entry import exit_on_error
 from pipeline.errors import EXIT_OK, naming_file
 
 
+def _jobs(text: str) -> int:
+    """`-j N`: 1 to 64 workers."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: '{text}'") from None
+    if not 1 <= value <= 64:
+        raise argparse.ArgumentTypeError(f"{value} is not in 1..64")
+    return value
+
+
 def cmd_compose(args: argparse.Namespace) -> int:
     from pipeline import repro
 
@@ -22,24 +33,22 @@ def cmd_compose(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Compose params.yaml, then `dvc repro` under one MLflow parent run."""
-    from pipeline import repro
+    from pipeline import parallel, repro
     from pipeline.errors import ConfigError
 
     if args.jobs > 1 and args.targets:
         raise ConfigError("-j builds whatever is out of date: it cannot be combined with --target", key="--jobs")
     cfg = repro.compose_checked(args.overrides, args.conf)
+    workers = not args.targets and parallel.through_workers(cfg, args.jobs)
     stale = None
-    if args.jobs > 1:
-        from pipeline import parallel
-
-        parallel.check_parallel_safe(cfg)
-        stale = repro.stale_stages()  # -j asks anyway: before MLflow, whose import alone takes 2.4-4.7 s
+    if not args.targets:  # asked before MLflow (its import alone takes 2.4-4.7 s); the workers reuse it
+        stale = repro.stale_stages()
         if not stale and repro.nothing_to_upload():
             print("Nothing to build: every stage is up to date (dvc status); no MLflow run opened.")
             return _summarized(cfg, EXIT_OK)
     invocation = repro.start(cfg, args.name, kind="repro")
     with repro.ended_on_failure(invocation):
-        if args.jobs > 1:
+        if workers:
             code = parallel.reproduce(cfg, args.jobs, stale=stale, verbose=args.verbose)
         else:
             code = repro.reproduce(*args.targets, verbose=args.verbose)
@@ -160,8 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--conf", default="conf")
     run.add_argument("--target", dest="targets", action="append", default=[], help="dvc repro target (repeatable)")
     run.add_argument("--name", default="pipeline", help="name of the MLflow parent run")
-    run.add_argument("-j", "--jobs", type=int, default=1, choices=range(1, 65), metavar="N",
-                     help="build up to N models at once (local workers sharing DVC's run-cache; default 1)")
+    run.add_argument("-j", "--jobs", type=_jobs, default=1, metavar="N",
+                     help="build up to N units (models, or builds of a model) at once, in workers sharing the "
+                          "project's DVC cache; default 1 (one worker when several models are selected)")
     run.add_argument("-v", "--verbose", action="store_true", help="show native libraries' log lines too")
     run.set_defaults(func=cmd_run)
 
@@ -192,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     nightly.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. 'model=[digits]'")
     nightly.add_argument("--conf", default="conf")
     nightly.add_argument("--name", default="nightly", help="name of the MLflow parent run")
-    nightly.add_argument("-j", "--jobs", type=int, default=1, choices=range(1, 65), metavar="N",
+    nightly.add_argument("-j", "--jobs", type=_jobs, default=1, metavar="N",
                          help="build up to N models at once (as `run -j N`)")
     nightly.add_argument("-v", "--verbose", action="store_true", help="show native libraries' log lines too")
     nightly.set_defaults(func=cmd_nightly)

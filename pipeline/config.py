@@ -761,6 +761,11 @@ def _check_inside_project(path: str, file: str, key: str, under: Path | None = N
     normal = Path(os.path.normpath(path))
     if normal.is_absolute() or normal.parts[:1] == ("..",):
         raise ConfigError(f"'{path}' is outside the project: name a path relative to it", file=file, key=key)
+    # A symbolic link committed inside the project may lead anywhere on the host: the path is
+    # checked as it resolves, here (every stage loads its config) and so before it is read.
+    root = Path.cwd().resolve()
+    if not Path(root, normal).resolve().is_relative_to(root):
+        raise ConfigError(f"'{path}' leads outside the project through a symbolic link", file=file, key=key)
     if under is not None and normal.parts[:len(under.parts)] != under.parts:
         raise ConfigError(f"'{path}' must live in {under}/ (a dependency of the stages that read it)", file=file,
                           key=key)

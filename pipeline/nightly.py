@@ -165,7 +165,8 @@ def run_nightly(overrides: list[str], conf_dir: str, name: str, *, verbose: bool
 def _nightly(invocation: repro.Invocation, name: str, started: str, verbose: bool, jobs: int) -> int:
     cfg = invocation.cfg
     # --keep-going: every build gets a verdict, not just the first failure
-    repro_code = (parallel.reproduce(cfg, jobs, verbose=verbose) if jobs > 1 else repro.reproduce(verbose=verbose))
+    repro_code = (parallel.reproduce(cfg, jobs, verbose=verbose) if parallel.through_workers(cfg, jobs)
+                  else repro.reproduce(verbose=verbose))
     repro.upload_deferred(invocation)  # the stages' runs and registrations, before comparing with production
     repro.declare_artifacts(cfg)  # dvc.yaml's artifacts with this run's verdicts
     stale, graph = repro.stale_stages(), repro.stage_graph()

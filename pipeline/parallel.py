@@ -37,6 +37,7 @@ instance, or a cluster whose nodes see the project and its cache at the same pat
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import queue
@@ -47,13 +48,13 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import yaml
 
 from pipeline import layout, repro, tracking
 from pipeline.config import ParallelEngine, PipelineConfig
-from pipeline.errors import EXIT_OK, OUTCOMES_ENV, ConfigError, OutputError, first_line, most_severe
+from pipeline.errors import EXIT_OK, OUTCOMES_ENV, BusyError, ConfigError, OutputError, first_line, most_severe
 from pipeline.io import atomic_path, write_text
 
 # Stages of no one model: they run first, here, so no two workers build them.
@@ -144,13 +145,29 @@ def _any_independent(units: dict[str, Unit]) -> bool:
     return any(a != b and a not in units[b].after and b not in units[a].after for a in units for b in units)
 
 
+def _sources_outside(cfg: PipelineConfig) -> list[str]:
+    """Models whose source lies outside the project (trusted sources): a worker is a copy of
+    the project elsewhere, where their path would name another file."""
+    return [name for name, model in cfg.model.items()
+            if Path(model.source.path).is_absolute() or ".." in Path(model.source.path).parts]
+
+
 def check_parallel_safe(cfg: PipelineConfig) -> None:
-    """A worker is a copy of the project elsewhere: a source outside the project would resolve
-    to another file there."""
-    for name, model in cfg.model.items():
-        if Path(model.source.path).is_absolute() or ".." in Path(model.source.path).parts:
-            raise ConfigError("a source outside the project cannot be built by -j workers: run without -j",
-                              key=f"model.{name}.source.path")
+    for name in _sources_outside(cfg)[:1]:
+        raise ConfigError("a source outside the project cannot be built by -j workers: run without -j",
+                          key=f"model.{name}.source.path")
+
+
+def through_workers(cfg: PipelineConfig, jobs: int) -> bool:
+    """Whether to build in workers: with `-j N` (N > 1), and with one worker when several
+    models are selected: DVC rewrites the whole dvc.lock after every stage, a cost growing
+    with the square of the stages (20.2 s a build at 5 models × 4 variants), where a worker's
+    lock holds only its unit's entries (8.6 s). One model, or a source outside the project,
+    builds here with a plain `dvc repro`."""
+    if jobs > 1:
+        check_parallel_safe(cfg)
+        return True
+    return len(cfg.model) > 1 and not _sources_outside(cfg)
 
 
 def reproduce(cfg: PipelineConfig, jobs: int, *, stale: set[str] | None = None, verbose: bool = False) -> int:
@@ -173,17 +190,24 @@ def reproduce(cfg: PipelineConfig, jobs: int, *, stale: set[str] | None = None, 
         return repro.reproduce(verbose=verbose)
     engine: _Engine = _Ray(cfg.parallel.ray_address, jobs) if cfg.parallel.engine is ParallelEngine.ray else _Threads()
     shutil.rmtree(WORKERS, ignore_errors=True)  # an interrupted run's copies
-    copies: list[_Copy] = []
     try:
-        try:
-            copies = [_Copy.make(index + 1) for index in range(min(jobs, len(units)))]
-        except OSError as exc:
-            raise OutputError(f"could not copy the project for a worker: {first_line(exc)}", file=str(WORKERS)) from None
+        copies = [_Copy.make(index + 1) for index in range(min(jobs, len(units)))]
+    except OSError as exc:
+        engine.close()
+        shutil.rmtree(WORKERS, ignore_errors=True)
+        problem = f"could not copy the project for a worker: {first_line(exc)}"
+        if jobs > 1:
+            raise OutputError(problem, file=str(WORKERS)) from None
+        # One worker only saves DVC's whole-lock rewrites: a serial run builds here instead.
+        print(f"warning: {problem} ({WORKERS}); building here", file=sys.stderr)
+        return repro.reproduce(verbose=verbose)
+    try:
         outcomes = WORKERS / "outcomes"
         outcomes.mkdir()
         env = {OUTCOMES_ENV: str(outcomes.resolve()), tracking.DEFER_ENV: "1",
                tracking.GIT_COMMIT_ENV: tracking.git_commit()}
-        left = _Build(units, copies, engine, env, graph, cfg).run()
+        with _dvc_lock():
+            left = _Build(units, copies, engine, env, graph, cfg).run()
         failures = [repro.read_outcome(path) for path in sorted(outcomes.glob("*.json"))]
     finally:  # the records of what finished come home and the copies go (their logs stay)
         engine.close()
@@ -191,7 +215,8 @@ def reproduce(cfg: PipelineConfig, jobs: int, *, stale: set[str] | None = None, 
             copy.collect_records()
             shutil.rmtree(copy.folder, ignore_errors=True)
     built = {stage for unit in units.values() for stage in unit.stages}
-    print(f"parallel: {len(copies)} workers built {len(built)} stage(s) of "
+    used = sum(copy.log.exists() for copy in copies)  # a copy whose units all waited on others ran none
+    print(f"workers: {used} built {len(built)} stage(s) of "
           f"{len({model_of(stage, cfg) for stage in built})} model(s) in {len(units)} unit(s)", file=sys.stderr)
     # A failed stage is not run twice (its outcome is recorded); with every stage built, the
     # `track` stage runs here, as a serial `dvc repro` ends.
@@ -200,6 +225,25 @@ def reproduce(cfg: PipelineConfig, jobs: int, *, stale: set[str] | None = None, 
         return code
     failed = {stage for stage in left if not (repro.ancestors(graph, stage) & left)}
     return most_severe([code, repro.summarize_failures(failures, failed)])
+
+
+@contextlib.contextmanager
+def _dvc_lock() -> Iterator[None]:
+    """DVC's own lock of this repository, held while the workers build and their results come
+    home: a plain `dvc repro` started meanwhile is refused as DVC refuses a second one, instead
+    of building the same stages here and rewriting dvc.lock under us."""
+    import zc.lockfile  # DVC's lock backend
+
+    path = Path(".dvc", "tmp", "lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = zc.lockfile.LockFile(str(path))
+    except zc.lockfile.LockError:
+        raise BusyError("another DVC command is running in this project: wait for it to finish", file=str(path)) from None
+    try:
+        yield
+    finally:
+        lock.close()
 
 
 class _Build:

@@ -21,10 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator, NamedTuple
 
+import yaml
+
 from pipeline import config, layout, tracking
 from pipeline.config import PipelineConfig
-from pipeline.errors import (EXIT_INTERNAL, EXIT_OK, OUTCOMES_ENV, BusyError, InputError, OutputError, TrackingError,
-                             most_severe)
+from pipeline.errors import (EXIT_INTERNAL, EXIT_OK, OUTCOMES_ENV, BusyError, ConfigError, InputError, OutputError,
+                             TrackingError, most_severe)
 from pipeline.io import sha256_path, write_text
 
 BIN = Path(sys.executable).parent
@@ -65,10 +67,16 @@ DVC_YAML = Path("dvc.yaml")
 TRACK_STAGE = "track"  # dvc.yaml's last stage: uploads the build stages' deferred records
 
 
-def write_composed(overrides: list[str], conf_dir: str, output: str = config.PARAMS_FILE) -> PipelineConfig:
+def write_composed(overrides: list[str], conf_dir: str, output: str = config.PARAMS_FILE, *,
+                   require_model: bool = False) -> PipelineConfig:
     """Compose `conf/` into `output`; for the project's params.yaml, also declare the builds'
-    delivered models as dvc.yaml's artifacts. Returns the typed config."""
-    write_text(output, config.compose(overrides, conf_dir=conf_dir))
+    delivered models as dvc.yaml's artifacts. Returns the typed config. With `require_model`,
+    a selection of no model is refused before anything is written."""
+    text = config.compose(overrides, conf_dir=conf_dir)
+    if require_model and not yaml.safe_load(text).get("model"):
+        raise ConfigError("no model selected: nothing would be built (name one, e.g. 'model=[digits]')",
+                          file=str(Path(conf_dir, "config.yaml")), key="model")
+    write_text(output, text)
     cfg = config.load(output)
     if output == config.PARAMS_FILE:
         declare_artifacts(cfg)
@@ -119,8 +127,9 @@ def build_verdicts(cfg: PipelineConfig) -> list[Verdict]:
 
 
 def compose_checked(overrides: list[str], conf_dir: str) -> PipelineConfig:
-    """Compose params.yaml and check that the files it names exist."""
-    cfg = write_composed(overrides, conf_dir)
+    """Compose params.yaml and check that the files it names exist (and that a model is named:
+    a nightly of nothing would pass)."""
+    cfg = write_composed(overrides, conf_dir, require_model=True)
     config.check_inputs_exist(cfg, conf_dir)
     return cfg
 

@@ -172,6 +172,18 @@ def test_ray_tasks_build_an_edit_like_local_workers(parallel_run):
         assert client.search_model_versions(f"name = 'vision.{model}' and tags.`litert.model_sha256` = '{digest}'")
 
 
+def test_a_serial_run_of_several_models_builds_them_in_one_worker(parallel_run):
+    """Without -j, several models still build in a worker, one: its small dvc.lock spares
+    DVC's rewrite of the whole lock after every stage. The project ends as after `-j 2`."""
+    project, _ = parallel_run
+    result = run_cli("litert-pipeline", "run", *OVERRIDES, "quantization.static_wi8_ai8.num_samples=60",
+                     "--name", "serial", cwd=project, env=ENV)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "[worker 1] Running stage 'quantize@digits_keras-static_wi8_ai8'" in result.stdout
+    assert "[worker 2]" not in result.stdout and "workers: 1 built" in result.stderr
+    assert run_cli("dvc", "status", "--json", cwd=project).stdout.strip() == "{}"
+
+
 def test_j_refuses_targets_in_one_line(tmp_path):
     result = run_cli("litert-pipeline", "run", "-j", "2", "--target", "report@digits", cwd=tmp_path, env=ENV)
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("error: ")
@@ -268,3 +280,19 @@ def test_a_gate_failed_in_a_worker_leaves_its_report_home_as_a_serial_run_does(p
         assert report["model_sha256"] == sha256_path(project / "models" / model / "static_wi8_ai8.tflite")
     stale = set(json.loads(run_cli("dvc", "status", "--json", cwd=project).stdout))
     assert {f"validate@{m}-static_wi8_ai8" for m in MODELS} <= stale and "track" in stale
+
+
+def test_a_plain_dvc_repro_is_refused_while_the_workers_build(tmp_path, monkeypatch):
+    """The workers' results come home while the run holds DVC's own lock: a `dvc repro` started
+    meanwhile is refused, as DVC refuses a second one, instead of building the same stages."""
+    (tmp_path / "dvc.yaml").write_text("stages:\n  hello:\n    cmd: echo hello > hello.txt\n    outs: [hello.txt]\n")
+    assert run_cli("dvc", "init", "--no-scm", "-q", cwd=tmp_path).returncode == 0
+    monkeypatch.chdir(tmp_path)
+    with parallel._dvc_lock():
+        blocked = run_cli("dvc", "repro", cwd=tmp_path)
+        with pytest.raises(parallel.BusyError, match="another DVC command is running"):
+            with parallel._dvc_lock():
+                pass
+    assert blocked.returncode != 0 and "Unable to acquire lock" in blocked.stderr + blocked.stdout
+    assert not (tmp_path / "hello.txt").exists()
+    assert run_cli("dvc", "repro", cwd=tmp_path).returncode == 0

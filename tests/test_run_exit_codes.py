@@ -123,8 +123,9 @@ def test_failures_exit_with_the_most_severe_code_and_spare_the_other_builds(proj
 
 def test_an_unreachable_required_tracking_server_exits_5(project):
     overrides = [o for o in OVERRIDES if not o.startswith("tracking.")]
+    # A gate edit: something to build and log (with nothing to do, `run` opens no MLflow run).
     result = run_cli("litert-pipeline", "run", *overrides, "tracking.http_retries=0", "tracking.http_timeout_seconds=2",
-                     cwd=project, env={**ENV, "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"})
+                     "validation.default.min_cosine=0.5", cwd=project, env={**ENV, "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"})
     assert result.returncode == EXIT_TRACKING, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1].startswith("error: tracking.uri: MLflow at http://127.0.0.1:9")
 

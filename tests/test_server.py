@@ -105,7 +105,8 @@ def test_unreachable_server_fails_in_one_line_or_queues_until_sync(served, mlflo
     fails in one line and the stage's outputs stay on disk; with false it finishes, queues,
     and `sync` uploads to the server once it is back, without a second registry version."""
     down = {**ENV, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"}
-    required = run_cli("litert-pipeline", "run", *OVERRIDES, cwd=served, env=down)
+    # A gate edit: something to build and log (with nothing to do, `run` opens no MLflow run).
+    required = run_cli("litert-pipeline", "run", *OVERRIDES, "validation.classifier.min_cosine=0.952", cwd=served, env=down)
     errors = [line for line in required.stderr.splitlines() if line.startswith("error:")]
     assert required.returncode == 5 and len(errors) == 1, required.stderr[-2000:]
     assert errors[0].startswith(f"error: tracking.uri: MLflow at {down['MLFLOW_TRACKING_URI']} failed")

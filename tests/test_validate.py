@@ -384,3 +384,19 @@ def test_validate_build_keeps_litert_benchmark_tools_json(float_model):
     assert result["accelerators"] == ["CPU"] and result["signature"] == "serving_default" and "model" not in result
     broken = benchmark_tool(b"not a model", signature=None, num_threads=1, runs=1, warmup=1)
     assert "latency" not in broken and broken["error"]
+
+
+def test_the_benchmark_tools_failure_on_ids_says_why():
+    """The tool fills integer inputs with random values in -128..127: embedding ids out of
+    range fail its invoke. The report says so (our latency, on real samples, still gates)."""
+    import keras
+    import tensorflow as tf
+
+    from pipeline.validate.runner import benchmark_tool
+
+    ids = keras.Input((4,), dtype="int32", name="ids")
+    model = keras.Model(ids, keras.layers.Dense(2)(keras.layers.Flatten()(keras.layers.Embedding(3, 2)(ids))))
+    tflite = tf.lite.TFLiteConverter.from_keras_model(model).convert()
+    result = benchmark_tool(tflite, signature=None, num_threads=1, runs=1, warmup=1)
+    assert "latency" not in result
+    assert "feeds integer inputs (ids) random values in -128..127" in result["error"], result

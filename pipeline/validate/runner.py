@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from pipeline.datasets import Samples
 from pipeline.errors import InputError, first_line
+from pipeline.tflite_model import signature as signature_of
 
 BATCH_SIZE = 32
 # Batched and single-sample outputs must agree to this fraction of the output's range;
@@ -276,7 +277,15 @@ def benchmark_tool(model: bytes, *, signature: str | None, num_threads: int, run
             return {"tool": BENCHMARK_TOOL, "error": f"timed out after {BENCHMARK_TIMEOUT_SECONDS} s"}
         if done.returncode != 0 or not result_file.exists():
             lines = [line for line in (done.stderr + done.stdout).splitlines() if "ERROR" in line or "Error" in line]
-            return {"tool": BENCHMARK_TOOL, "error": (lines[-1] if lines else f"exit code {done.returncode}")[:500]}
+            error = (lines[-1] if lines else f"exit code {done.returncode}")[:500]
+            try:
+                integers = [t.name for t in signature_of(model, signature).inputs if t.dtype.startswith(("int", "uint"))]
+            except InputError:  # not a model the tool could read at all
+                integers = []
+            if integers:  # ids (an embedding's, say) out of range fail the invoke
+                error += (f" (the tool feeds integer inputs ({', '.join(integers)}) random values in -128..127, "
+                          "which this model may not accept; the latency gates are measured on the evaluation samples)")
+            return {"tool": BENCHMARK_TOOL, "error": error}
         try:
             result = json.loads(result_file.read_text())
             result.pop("model", None)  # the temporary file's path

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import EXIT_CONFIG
-from tests.bad_inputs.conftest import fails_cleanly, set_params, stage
+from tests.bad_inputs.conftest import fails_cleanly, run, set_params, stage
 
 COMPOSE = ["litert-pipeline", "compose"]
 
@@ -155,3 +155,14 @@ def test_resolvers_cannot_copy_the_environment_into_the_config(tiny_project):
     edit(tiny_project / "conf/model/digits.yaml", "    team: vision\n", "    team: vision\n    registry_name: ${oc.env:HOME}\n")
     line = fails_cleanly(tiny_project, COMPOSE, EXIT_CONFIG, "conf/model/digits.yaml", "model.digits.registry_name")
     assert "resolvers" in line
+
+
+@pytest.mark.parametrize("command", ["run", "nightly"])
+def test_a_selection_of_no_model_is_refused_before_anything_is_written(tiny_project, command):
+    """A nightly of nothing would pass: `model=[]` is a one-line error, params.yaml untouched."""
+    params = (tiny_project / "params.yaml").read_bytes()
+    result = run(tiny_project, "litert-pipeline", command, "model=[]")
+    assert result.returncode == EXIT_CONFIG
+    assert result.stderr.strip().splitlines() == [
+        "error: conf/config.yaml: model: no model selected: nothing would be built (name one, e.g. 'model=[digits]')"]
+    assert (tiny_project / "params.yaml").read_bytes() == params

@@ -125,3 +125,18 @@ def with_file_size_limit(size: int) -> list[str]:
     setup = f"import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, ({size}, {size})); " \
             "os.execvp(sys.argv[1], sys.argv[1:])"
     return ["python", "-c", setup]
+
+
+@pytest.mark.parametrize(("param", "value", "key"), [
+    ("model.digits.metadata.outputs", [{"name": "scores", "labels": "conf/labels/link"}], f"{OUTPUT}.labels"),
+    ("model.digits.source.path", "tiny/link", "model.digits.source.path"),
+], ids=["label_file", "source"])
+def test_a_symbolic_link_leading_out_of_the_project_is_refused(tiny_project, tmp_path, param, value, key):
+    """A team can commit a symlink: the path is checked as it resolves, not as it is spelt."""
+    outside = tmp_path / "outside"
+    outside.write_text("".join(f"{digit}\n" for digit in range(10)))
+    link = value[0]["labels"] if isinstance(value, list) else value
+    (tiny_project / link).symlink_to(outside)
+    set_params(tiny_project, {param: value})
+    line = fails_cleanly(tiny_project, METADATA, EXIT_CONFIG, "params.yaml", key)
+    assert "leads outside the project through a symbolic link" in line
