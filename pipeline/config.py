@@ -756,6 +756,10 @@ def _check_references(cfg: PipelineConfig, file: str) -> None:
             raise ConfigError(exc.message, file="$MLFLOW_TRACKING_URI" if env_uri else file, key=exc.key) from None
 
 
+# Set by `sweep` for its members' stages, which run in a folder of links into the project.
+PROJECT_ROOT_ENV = "LITERT_PROJECT_ROOT"
+
+
 def _check_inside_project(path: str, file: str, key: str, under: Path | None = None) -> None:
     """A path a config names stays in the project (and in `under`, the folder DVC tracks for it)."""
     normal = Path(os.path.normpath(path))
@@ -763,8 +767,9 @@ def _check_inside_project(path: str, file: str, key: str, under: Path | None = N
         raise ConfigError(f"'{path}' is outside the project: name a path relative to it", file=file, key=key)
     # A symbolic link committed inside the project may lead anywhere on the host: the path is
     # checked as it resolves, here (every stage loads its config) and so before it is read.
-    root = Path.cwd().resolve()
-    if not Path(root, normal).resolve().is_relative_to(root):
+    resolved = normal.resolve()
+    roots = [Path.cwd()] + ([Path(os.environ[PROJECT_ROOT_ENV])] if os.environ.get(PROJECT_ROOT_ENV) else [])
+    if not any(resolved.is_relative_to(root.resolve()) for root in roots):
         raise ConfigError(f"'{path}' leads outside the project through a symbolic link", file=file, key=key)
     if under is not None and normal.parts[:len(under.parts)] != under.parts:
         raise ConfigError(f"'{path}' must live in {under}/ (a dependency of the stages that read it)", file=file,

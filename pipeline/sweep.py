@@ -224,17 +224,19 @@ def check_shared(member: Member, shared_params: dict[str, Any], *, file: str) ->
                               "calibration per model; sweep model settings with --dvc", file=file, key=f"model.{model}")
 
 
-def run_stages(member: Member, workdir: Path) -> int:
-    """Run the member's build stages in `workdir`; stage output goes to stages.log. Returns
-    0, EXIT_GATE when only validation gates failed, or the failing stage's exit code."""
+def run_stages(member: Member, workdir: Path, project: Path) -> int:
+    """Run the member's build stages in `workdir` (links into `project`); stage output goes to
+    stages.log. Returns 0, EXIT_GATE when only validation gates failed, or the failing stage's
+    exit code."""
     gate_failed = False
+    env = {**os.environ, config.PROJECT_ROOT_ENV: str(project)}  # where the links may lead
     with open(workdir / "stages.log", "w", encoding="utf-8") as log:
         for model in member.models:
             build = f"{model}-{member.label}"
             for stage, command in stage_commands(workdir / "dvc.yaml", build, model, member.label):
                 log.write(f"$ {shlex.join(command)}\n")
                 log.flush()
-                code = subprocess.call(command, cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
+                code = subprocess.call(command, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, env=env)
                 if code == EXIT_GATE and stage == "validate":
                     gate_failed = True  # the report says which gates: a result, not an error
                 elif code != 0:
@@ -267,7 +269,7 @@ def run_member(cfg: Any) -> None:
         _claim(sweep_dir, member.label)
         write_text(file, _dump_yaml(member.params))
         link_working_copy(project, workdir, sweep_dir, member.models)
-        code = run_stages(member, workdir)
+        code = run_stages(member, workdir, project)
         result.update(exit_code=code, status={EXIT_OK: "passed", EXIT_GATE: "failed gates"}.get(code, "error"))
         if code not in (EXIT_OK, EXIT_GATE):
             result["message"] = _last_error(workdir / "stages.log")
