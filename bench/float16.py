@@ -131,12 +131,10 @@ def main() -> None:
     if args.one:
         quantize_one(args.project.resolve(), args.one[0], args.one[1], Path(args.one[2]))
         return
-    from quantization import run_every_example
+    from quantization import project_with_every_example
 
     with tempfile.TemporaryDirectory(prefix="litert-bench-f16-") as folder:
-        project = args.project.resolve() if args.project else Path(folder) / "clone"
-        if args.project is None:
-            print(f"run exit code: {run_every_example(project)}", flush=True)
+        project = project_with_every_example(args.project, folder)
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                 text=True).stdout.strip()
         results = {"commit": commit, "project": str(project), "repetitions": args.repetitions,

@@ -37,6 +37,16 @@ def run_every_example(project: Path) -> int:
     return subprocess.run([str(BIN / "litert-pipeline"), "run", f"model=[{models}]"], cwd=project, env=env).returncode
 
 
+def project_with_every_example(given: Path | None, folder: str) -> Path:
+    """`given` (a project that already ran every example), or a fresh clone under `folder`
+    that runs them now."""
+    if given is not None:
+        return given.resolve()
+    project = Path(folder) / "clone"
+    print(f"run exit code: {run_every_example(project)}", flush=True)
+    return project
+
+
 def _static(build, recipe: list, *, samples=None, default_calibration: bool = False) -> dict[str, Any]:
     """`recipe` (with the pipeline's float inputs and outputs) calibrated on the build's
     representative samples (or `samples`), measured as the validate stage measures."""
@@ -204,9 +214,7 @@ def main() -> None:
     parser.add_argument("--project", type=Path, help="a project where every example already ran")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="litert-bench-quant-") as folder:
-        project = args.project.resolve() if args.project else Path(folder) / "clone"
-        if args.project is None:
-            print(f"run exit code: {run_every_example(project)}", flush=True)
+        project = project_with_every_example(args.project, folder)
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=project, capture_output=True,
                                 text=True).stdout.strip()
         results = {"commit": commit, "models": measure(project)}
