@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--conf", default="conf")
     sweep.add_argument("--name", default="sweep", help="name of the MLflow parent run and the sweep folder")
     sweep.add_argument("--dvc", action="store_true", help="run members as queued DVC experiments")
-    sweep.add_argument("--jobs", "-j", type=int, default=2, help="DVC queue workers (with --dvc; default 2)")
+    sweep.add_argument("--jobs", "-j", type=_jobs, default=2, help="DVC queue workers (with --dvc; default 2)")
     sweep.set_defaults(func=cmd_sweep)
 
     nightly = commands.add_parser(

@@ -930,8 +930,7 @@ def read_yaml_text(path: str | Path) -> str:
     try:
         root = yaml.compose(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.YAMLError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"malformed YAML: {first}", file=file) from None
+        raise ConfigError(malformed_yaml(exc), file=file) from None
     sizes: dict[int, int] = {}
 
     def expanded(node: Any) -> int:  # shared (aliased) nodes counted once per use, computed once
@@ -947,6 +946,15 @@ def read_yaml_text(path: str | Path) -> str:
     return text
 
 
+def malformed_yaml(exc: Exception) -> str:
+    """One line for a YAML syntax error: where (PyYAML's mark) and what."""
+    mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+    if not problem:
+        problem = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"malformed YAML: {where}{problem}"
+
+
 def load(path: str | Path = PARAMS_FILE, *, require_sources: bool = False) -> PipelineConfig:
     """Load and validate `params.yaml`. With `require_sources`, source paths must exist."""
     from omegaconf import OmegaConf
@@ -956,8 +964,7 @@ def load(path: str | Path = PARAMS_FILE, *, require_sources: bool = False) -> Pi
     try:
         raw = OmegaConf.create(text)
     except Exception as exc:  # YAML syntax errors come from several parsers
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"malformed YAML: {first}", file=file) from None
+        raise ConfigError(malformed_yaml(exc), file=file) from None
     cfg = validate(raw, file=file)
     if require_sources:
         for name, model in cfg.model.items():
@@ -1131,7 +1138,11 @@ def _check_one_owner_per_key(conf_dir: Path) -> None:
                 # The file whose package holds the key owns it (conf/validation/x.yaml for
                 # validation.x.*); a broader file (a model's `_global_` one) is the intruder.
                 owner, intruder = (other, file) if len(other_prefix) >= len(prefix) else (file, other)
-                raise ConfigError(f"also set by {_relative(owner)}: each key belongs to one conf file (Hydra would "
+                owner_group = owner.parent.relative_to(conf_dir).parts
+                # An option of a one-choice group stands for all of them: which is chosen is not known here.
+                named = (f"the options of {_relative(owner.parent)}/" if owner_group and owner_group[0] in one_choice
+                         else _relative(owner))
+                raise ConfigError(f"also set by {named}: each key belongs to one conf file (Hydra would "
                                   "let one file override the other silently)", file=_relative(intruder), key=key)
 
 

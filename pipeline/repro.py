@@ -309,12 +309,14 @@ def dvc(*args: str, env: dict[str, str] | None = None, verbose: bool = True) -> 
         raise
 
 
-def reproduce(*targets: str, verbose: bool = False) -> int:
+def reproduce(*targets: str, single_item: bool = False, verbose: bool = False) -> int:
     """`dvc repro --keep-going`: one failing build does not stop the others. Returns 0, or the
     most severe documented exit code among the stages that failed (never DVC's own 255).
-    The stages defer their tracking records: `upload_deferred` logs them afterwards."""
+    The stages defer their tracking records: `upload_deferred` logs them afterwards.
+    `single_item`: the targets alone, their upstream stages not checked."""
+    flags = ["--keep-going", *(["--single-item"] if single_item else [])]
     with tempfile.TemporaryDirectory(prefix="litert-outcomes-") as folder:
-        code = dvc("repro", "--keep-going", *targets, env={OUTCOMES_ENV: folder, tracking.DEFER_ENV: "1"},
+        code = dvc("repro", *flags, *targets, env={OUTCOMES_ENV: folder, tracking.DEFER_ENV: "1"},
                    verbose=verbose)
         outcomes = [read_outcome(path) for path in sorted(Path(folder).glob("*.json"))]
     if code == 0:

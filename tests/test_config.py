@@ -71,9 +71,10 @@ def test_bad_params_fail_with_file_and_key(tmp_path, old, new, key, words):
 
 def test_malformed_yaml_is_one_line(tmp_path):
     path = tmp_path / "params.yaml"
-    path.write_text("model: {digits: [\n")
-    with pytest.raises(ConfigError, match="malformed YAML"):
+    path.write_text("model:\n  digits: {source: [\n")
+    with pytest.raises(ConfigError) as caught:
         config.load(path)
+    assert "malformed YAML: line 3, column 1: " in str(caught.value) and "\n" not in str(caught.value)
 
 
 def test_missing_source_path_names_the_key(tmp_path):

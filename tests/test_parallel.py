@@ -7,6 +7,7 @@ entries, a clean `dvc status`, and one MLflow run per build with its registry ve
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -16,6 +17,7 @@ import pytest
 import yaml
 
 from pipeline import parallel
+from pipeline.config import ParallelEngine
 from tests.conftest import ROOT, copy_project, run_cli
 
 pytestmark = pytest.mark.e2e
@@ -232,6 +234,10 @@ def test_units_are_whole_models_but_for_the_last_ones_which_go_in_pieces():
     assert units["report:m2"].after == {"before:m2", "build:m2-float", "build:m2-static_wi8_ai8"}
     # The longest chain first: a whole model (9 stages), then the third model's first piece (2 + 3 + 1).
     assert units["model:m0"].rank == 9 and units["before:m2"].rank == 6 and units["report:m2"].rank == 1
+    # The run's bar counts a build done when every unit holding its stages has ended.
+    per_build = parallel.units_per_build(units, cfg)
+    assert len(per_build) == 6 and per_build["m0-float"] == {"model:m0"}
+    assert per_build["m2-float"] == {"build:m2-float"}
     # As many models as workers: all whole; one model alone: all pieces.
     assert set(parallel.plan(stages, graph, cfg, 3)) == {"model:m0", "model:m1", "model:m2"}
     one = parallel.plan(parallel.affected_stages(cfg, graph, {"validate@m1-float"}), graph, cfg, 2)
@@ -240,6 +246,26 @@ def test_units_are_whole_models_but_for_the_last_ones_which_go_in_pieces():
     # Those two run one after the other: nothing for a second worker (they run here, serially).
     assert not parallel._any_independent(one) and parallel._any_independent(units)
     assert parallel.model_of("data@digits_evaluation", cfg) is None and parallel.model_of("validate@m0-float", cfg) == "m0"
+
+
+def test_a_workers_copy_follows_absolute_links_into_itself(tmp_path, monkeypatch):
+    """A committed link naming a project file by its absolute path would make a worker read
+    (and the symlink check refuse) the project's file: in the copy it names the copy's file."""
+    root = tmp_path / "project"
+    (root / ".dvc").mkdir(parents=True)
+    (root / ".dvc" / "config").write_text("")
+    (root / "labels").mkdir()
+    (root / "labels" / "names.txt").write_text("zero\n")
+    (root / "names.txt").symlink_to(root / "labels" / "names.txt")
+    (root / "cached").symlink_to(root / ".dvc" / "cache" / "files")  # DVC's cache: shared by the copies
+    (root / "outside").symlink_to(tmp_path)
+    monkeypatch.chdir(root)
+    copy = parallel._Copy.make(1, root / ".dvc" / "cache")
+    assert (copy.folder / "names.txt").resolve() == (copy.folder / "labels" / "names.txt").resolve()
+    assert os.readlink(copy.folder / "cached") == str(root / ".dvc" / "cache" / "files")
+    assert os.readlink(copy.folder / "outside") == str(tmp_path)
+    local = (copy.folder / ".dvc" / "config.local").read_text()
+    assert "no_scm = True" in local and str(root / ".dvc" / "cache") in local
 
 
 def _config(project):
@@ -257,9 +283,13 @@ def test_an_unreachable_ray_address_is_one_line_at_once():
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    with pytest.raises(ConfigError) as caught:
-        parallel._Ray(f"127.0.0.1:{port}", 2)
-    assert "parallel.ray_address" in caught.value.one_line() and "nothing answers" in caught.value.one_line()
+    cfg = _generated_config(2)
+    cfg.parallel = dataclasses.replace(cfg.parallel, engine=ParallelEngine.ray, ray_address=f"127.0.0.1:{port}")
+    # Asked when the run decides to use workers: before its MLflow parent run opens.
+    for jobs in (2, 1):
+        with pytest.raises(ConfigError) as caught:
+            parallel.through_workers(cfg, jobs)
+        assert "parallel.ray_address" in caught.value.one_line() and "nothing answers" in caught.value.one_line()
 
 
 def test_a_gate_failed_in_a_worker_leaves_its_report_home_as_a_serial_run_does(parallel_run):

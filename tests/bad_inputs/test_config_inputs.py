@@ -151,6 +151,13 @@ def test_a_conf_file_cannot_silently_override_another_teams_key(tiny_project):
     assert "also set by conf/validation/classifier.yaml" in line
 
 
+def test_a_key_of_a_one_choice_group_names_the_group_not_one_option(tiny_project):
+    """`parallel` is chosen on the command line (`parallel=ray`): naming local.yaml could be wrong."""
+    (tiny_project / "conf/model/team_b.yaml").write_text("# @package _global_\nparallel:\n  ray_address: auto\n")
+    line = fails_cleanly(tiny_project, COMPOSE, EXIT_CONFIG, "conf/model/team_b.yaml", "parallel.ray_address")
+    assert "also set by the options of conf/parallel/:" in line
+
+
 def test_resolvers_cannot_copy_the_environment_into_the_config(tiny_project):
     edit(tiny_project / "conf/model/digits.yaml", "    team: vision\n", "    team: vision\n    registry_name: ${oc.env:HOME}\n")
     line = fails_cleanly(tiny_project, COMPOSE, EXIT_CONFIG, "conf/model/digits.yaml", "model.digits.registry_name")
