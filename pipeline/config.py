@@ -936,6 +936,14 @@ def read_yaml_text(path: str | Path) -> str:
     def expanded(node: Any) -> int:  # shared (aliased) nodes counted once per use, computed once
         if id(node) not in sizes:
             sizes[id(node)] = 0  # a recursive alias counts as nothing more
+            if isinstance(node, yaml.MappingNode):  # PyYAML keeps the last of two equal keys silently
+                seen: set[str] = set()
+                for key, _ in node.value:
+                    if isinstance(key, yaml.ScalarNode) and key.value != "<<":
+                        if key.value in seen:
+                            raise ConfigError(f"malformed YAML: line {key.start_mark.line + 1}, column "
+                                              f"{key.start_mark.column + 1}: duplicate key '{key.value}'", file=file)
+                        seen.add(key.value)
             children = node.value if isinstance(node.value, list) else []
             pairs = [part for child in children for part in (child if isinstance(child, tuple) else (child,))]
             sizes[id(node)] = min(1 + sum(expanded(child) for child in pairs), MAX_YAML_NODES + 1)
@@ -1020,7 +1028,9 @@ def compose(overrides: list[str] | None = None, conf_dir: str | Path = CONF_DIR)
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(" ".join(str(exc).split()), file=str(Path(conf_dir) / f"{CONFIG_NAME}.yaml")) from None
     except Exception as exc:  # yaml.YAMLError from a malformed group file
-        raise ConfigError(f"malformed YAML: {' '.join(str(exc).split())}", file=str(conf_dir)) from None
+        mark = getattr(exc, "problem_mark", None)
+        raise ConfigError(malformed_yaml(exc), file=_relative(mark.name) if getattr(mark, "name", None) else str(conf_dir)
+                          ) from None
     try:
         typed = validate(cfg, file="params.yaml")
     except ConfigError as exc:

@@ -498,47 +498,49 @@ def run_dvc_sweep(overrides: list[str], *, conf_dir: str, name: str, jobs: int, 
     if busy:
         raise InputError(f"DVC queue workers are already running ({busy}); they would run members outside this "
                          "sweep's MLflow parent: wait for them or `dvc queue stop`", file=".dvc")
-    sweep = _start(overrides, conf_dir, name, kind="sweep-dvc")
-    overrides = with_sweeper_params(overrides, conf_dir)
-    members: dict[str, tuple[Member, list[str]]] = {}
-    for member_overrides in expand(overrides):
-        swept = [o for o, base in zip(member_overrides, _parse(overrides)) if base.is_sweep_override()]
+    # Every member checked before anything is built or an MLflow run opened.
+    swept_overrides = with_sweeper_params(overrides, conf_dir)
+    planned: dict[str, tuple[Member, list[str]]] = {}
+    for member_overrides in expand(swept_overrides):
+        swept = [o for o, base in zip(member_overrides, _parse(swept_overrides)) if base.is_sweep_override()]
         member = member_config(_compose_raw(member_overrides, conf_dir), swept, file="params.yaml")
-        experiment = f"{member.label}-{sweep.stamp}"
-        if experiment in members:
+        if member.label in planned:
             raise ConfigError(f"two members are both named '{member.label}': sweep distinct values", key="overrides")
-        members[experiment] = (member, member_overrides)
-    for experiment, (member, member_overrides) in members.items():
-        command = [str(repro.BIN / "dvc"), "exp", "run", "--queue", "-n", experiment]
-        for override in experiment_overrides(member, member_overrides):
-            command += ["-S", override]
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise InputError(f"dvc exp run --queue failed: {' '.join(result.stderr.split())[:300]}", file="dvc.yaml")
+        planned[member.label] = (member, member_overrides)
+    sweep = _start(overrides, conf_dir, name, kind="sweep-dvc")
+    with repro.ended_on_failure(repro.Invocation(sweep.cfg, sweep.parent)):  # never left RUNNING
+        members = {f"{label}-{sweep.stamp}": planned_member for label, planned_member in planned.items()}
+        for experiment, (member, member_overrides) in members.items():
+            command = [str(repro.BIN / "dvc"), "exp", "run", "--queue", "-n", experiment]
+            for override in experiment_overrides(member, member_overrides):
+                command += ["-S", override]
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise InputError(f"dvc exp run --queue failed: {' '.join(result.stderr.split())[:300]}", file="dvc.yaml")
 
-    env = {**os.environ, **_member_env(sweep), "PATH": f"{repro.BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    subprocess.run([str(repro.BIN / "dvc"), "queue", "start", "-j", str(jobs)], env=env, check=False)
-    pending = set(members)
-    while True:
-        states = _queue_states(pending)
-        if not any(state in ("Queued", "Running") for state in states.values()):
-            break
-        time.sleep(poll_seconds)
+        env = {**os.environ, **_member_env(sweep), "PATH": f"{repro.BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+        subprocess.run([str(repro.BIN / "dvc"), "queue", "start", "-j", str(jobs)], env=env, check=False)
+        pending = set(members)
+        while True:
+            states = _queue_states(pending)
+            if not any(state in ("Queued", "Running") for state in states.values()):
+                break
+            time.sleep(poll_seconds)
 
-    metrics = _experiment_metrics(set(members))
-    results, rows = [], {}
-    for job, (experiment, (member, member_overrides)) in enumerate(members.items()):
-        result: dict[str, Any] = {"job": job, "experiment": experiment, "label": member.label,
-                                  "variant": member.variant, "models": member.models, "overrides": member_overrides}
-        found = {m: (metrics.get(experiment, {}).get(ComparisonPaths.of(m).json.as_posix()) or {}).get(member.label)
-                 for m in member.models}
-        if not all(found.values()):
-            result.update(exit_code=InputError.exit_code, status="error",
-                          message=f"experiment {experiment} did not finish: dvc queue logs {experiment}")
-        else:
-            for model, fields in found.items():
-                rows.setdefault(model, []).extend(report.rows_from_json(model, {member.label: fields}))
-            passed = all(fields["passed"] for fields in found.values())
-            result.update(exit_code=EXIT_OK if passed else EXIT_GATE, status="passed" if passed else "failed gates")
-        results.append(result)
+        metrics = _experiment_metrics(set(members))
+        results, rows = [], {}
+        for job, (experiment, (member, member_overrides)) in enumerate(members.items()):
+            result: dict[str, Any] = {"job": job, "experiment": experiment, "label": member.label,
+                                      "variant": member.variant, "models": member.models, "overrides": member_overrides}
+            found = {m: (metrics.get(experiment, {}).get(ComparisonPaths.of(m).json.as_posix()) or {}).get(member.label)
+                     for m in member.models}
+            if not all(found.values()):
+                result.update(exit_code=InputError.exit_code, status="error",
+                              message=f"experiment {experiment} did not finish: dvc queue logs {experiment}")
+            else:
+                for model, fields in found.items():
+                    rows.setdefault(model, []).extend(report.rows_from_json(model, {member.label: fields}))
+                passed = all(fields["passed"] for fields in found.values())
+                result.update(exit_code=EXIT_OK if passed else EXIT_GATE, status="passed" if passed else "failed gates")
+            results.append(result)
     return _finish(sweep, results, [report.build_model_report(model, model_rows) for model, model_rows in rows.items()])

@@ -75,6 +75,11 @@ def test_malformed_yaml_is_one_line(tmp_path):
     with pytest.raises(ConfigError) as caught:
         config.load(path)
     assert "malformed YAML: line 3, column 1: " in str(caught.value) and "\n" not in str(caught.value)
+    # PyYAML would keep the second of two equal keys silently (a gate written twice).
+    path.write_text("model:\n  digits: {}\nbuild: {}\nmodel: {}\n")
+    with pytest.raises(ConfigError) as caught:
+        config.load(path)
+    assert "malformed YAML: line 4, column 1: duplicate key 'model'" in str(caught.value)
 
 
 def test_missing_source_path_names_the_key(tmp_path):

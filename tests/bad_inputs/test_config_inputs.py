@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import EXIT_CONFIG
-from tests.bad_inputs.conftest import fails_cleanly, run, set_params, stage
+from tests.bad_inputs.conftest import fails, fails_cleanly, run, set_params, snapshot, stage
 
 COMPOSE = ["litert-pipeline", "compose"]
 
@@ -173,3 +173,16 @@ def test_a_selection_of_no_model_is_refused_before_anything_is_written(tiny_proj
     assert result.stderr.strip().splitlines() == [
         "error: conf/config.yaml: model: no model selected: nothing would be built (name one, e.g. 'model=[digits]')"]
     assert (tiny_project / "params.yaml").read_bytes() == params
+
+
+def test_a_dvc_sweep_checks_its_members_before_building_or_opening_a_run(tiny_project):
+    """A member of several variants (no `quantization=` chosen) is refused before the shared
+    stages run or an MLflow parent run opens (it used to stay RUNNING after the error)."""
+    before = snapshot(tiny_project)
+    line = fails(run(tiny_project, "litert-pipeline", "sweep", "--dvc", "model=[digits]", "--name", "probe"),
+                 EXIT_CONFIG, "quantization")
+    assert "one variant" in line
+    after = snapshot(tiny_project)
+    changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+    # Only DVC's own temp folder (asking whether queue workers run); no params.yaml, no MLflow store, no sweep folder.
+    assert all(k.startswith(".dvc/tmp") for k in changed), changed
