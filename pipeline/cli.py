@@ -9,7 +9,7 @@ import sys
 
 from pipeline import __version__
 from pipeline.entry import exit_on_error
-from pipeline.errors import EXIT_OK, naming_file
+from pipeline.errors import EXIT_CONFIG, EXIT_OK, naming_file
 
 
 def _jobs(text: str) -> int:
@@ -150,8 +150,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line, as every other error (`--help` shows the usage); exit 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_CONFIG, f"error: {self.prog}: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="litert-pipeline",
         description="Turn TensorFlow models into validated, quantized LiteRT models, driven by conf/.",
     )

@@ -1029,7 +1029,8 @@ def compose(overrides: list[str] | None = None, conf_dir: str | Path = CONF_DIR)
         raise ConfigError(" ".join(str(exc).split()), file=str(Path(conf_dir) / f"{CONFIG_NAME}.yaml")) from None
     except Exception as exc:  # yaml.YAMLError from a malformed group file
         mark = getattr(exc, "problem_mark", None)
-        raise ConfigError(malformed_yaml(exc), file=_relative(mark.name) if getattr(mark, "name", None) else str(conf_dir)
+        named = getattr(mark, "name", None)  # the file Hydra read, or "<unicode string>"
+        raise ConfigError(malformed_yaml(exc), file=_relative(named) if named and Path(named).is_file() else str(conf_dir)
                           ) from None
     try:
         typed = validate(cfg, file="params.yaml")

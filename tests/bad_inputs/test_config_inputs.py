@@ -186,3 +186,10 @@ def test_a_dvc_sweep_checks_its_members_before_building_or_opening_a_run(tiny_pr
     changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
     # Only DVC's own temp folder (asking whether queue workers run); no params.yaml, no MLflow store, no sweep folder.
     assert all(k.startswith(".dvc/tmp") for k in changed), changed
+
+
+@pytest.mark.parametrize("arguments", [["run", "-j", "0"], ["nightly", "-j", "abc"], ["sweep", "--dvc", "-j", "65"],
+                                       ["run", "--no-such-flag"]])
+def test_a_usage_error_is_one_line(tiny_project, arguments):
+    line = fails_cleanly(tiny_project, ["litert-pipeline", *arguments], EXIT_CONFIG, "litert-pipeline")
+    assert line.endswith("(see --help)") and "usage:" not in line
