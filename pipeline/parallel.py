@@ -99,6 +99,12 @@ class Unit:
     rank: int = 0  # stages on the longest chain from its start to the end: the longest goes first
 
 
+def build_of(stage: str, cfg: PipelineConfig) -> str | None:
+    """The build a stage belongs to (quantize, metadata, validate), or None."""
+    key = stage.partition("@")[2]
+    return key if key in cfg.build else None
+
+
 def plan(stages: Iterable[str], graph: dict[str, set[str]], cfg: PipelineConfig, workers: int) -> dict[str, Unit]:
     """`stages` (per-model) cut into units for `workers` workers: whole models, the largest
     first, but for the last `count % workers` models, which go in pieces (the stages before
@@ -109,19 +115,14 @@ def plan(stages: Iterable[str], graph: dict[str, set[str]], cfg: PipelineConfig,
         by_model.setdefault(model_of(stage, cfg), []).append(stage)
     by_size = sorted(by_model, key=lambda m: (-len(by_model[m]), m))
     whole = set(by_size[:len(by_size) - len(by_size) % workers])
-
-    def build_of(stage: str) -> str | None:
-        key = stage.partition("@")[2]
-        return key if key in cfg.build else None
-
-    before_builds = set().union(*(repro.ancestors(graph, stage) for stage in stages if build_of(stage)))
+    before_builds = set().union(*(repro.ancestors(graph, stage) for stage in stages if build_of(stage, cfg)))
 
     def piece(stage: str) -> str:
         kind, _, key = stage.partition("@")
         model = model_of(stage, cfg)
         if model in whole:
             return f"model:{model}"
-        if build_of(stage):
+        if build_of(stage, cfg):
             return f"build:{key}"
         return f"before:{model}" if stage in before_builds else f"{kind}:{key}"
 
@@ -149,9 +150,9 @@ def units_per_build(units: dict[str, Unit], cfg: PipelineConfig) -> dict[str, se
     per_build: dict[str, set[str]] = {}
     for unit in units.values():
         for stage in unit.stages:
-            key = stage.partition("@")[2]
-            if key in cfg.build:
-                per_build.setdefault(key, set()).add(unit.name)
+            build = build_of(stage, cfg)
+            if build:
+                per_build.setdefault(build, set()).add(unit.name)
     return per_build
 
 
@@ -189,11 +190,9 @@ def through_workers(cfg: PipelineConfig, jobs: int) -> bool:
 
 
 def _check_engine(cfg: PipelineConfig) -> None:
-    """Ray installed and its address answering, asked before the run opens anything."""
+    """Asked before the run opens anything."""
     if cfg.parallel.engine is ParallelEngine.ray:
-        if importlib.util.find_spec("ray") is None:
-            raise ConfigError("parallel=ray needs Ray: pip install -e '.[ray]'", key="parallel.engine")
-        _check_reachable(cfg.parallel.ray_address)
+        _check_ray(cfg.parallel.ray_address)
 
 
 def reproduce(cfg: PipelineConfig, jobs: int, *, stale: set[str] | None = None, verbose: bool = False) -> int:
@@ -522,11 +521,8 @@ class _Ray(_Engine):
     """The workers' `dvc repro` as Ray tasks of one CPU each."""
 
     def __init__(self, address: str, jobs: int):
-        try:
-            import ray
-        except ImportError:
-            raise ConfigError("parallel=ray needs Ray: pip install -e '.[ray]'", key="parallel.engine") from None
-        _check_reachable(address)
+        _check_ray(address)
+        import ray
         if not sys.stdout.isatty():  # a log gets the workers' lines without colour codes
             os.environ.setdefault("RAY_COLOR_PREFIX", "0")
         # A new local instance gets token authentication (Ray's default); Ray warns that it did,
@@ -567,9 +563,11 @@ class _Ray(_Engine):
 RAY_CONNECT_SECONDS = 10
 
 
-def _check_reachable(address: str) -> None:
-    """A head at <host>:<port> answers within seconds; else one line now (Ray itself would wait
-    for it for minutes)."""
+def _check_ray(address: str) -> None:
+    """Ray installed, and a head at <host>:<port> answering within seconds; else one line now
+    (Ray itself would wait for it for minutes)."""
+    if importlib.util.find_spec("ray") is None:
+        raise ConfigError("parallel=ray needs Ray: pip install -e '.[ray]'", key="parallel.engine")
     if address in ("", "auto"):
         return
     host, _, port = address.removeprefix("ray://").rpartition(":")

@@ -325,6 +325,12 @@ def _start(overrides: list[str], conf_dir: str, name: str, kind: str) -> Sweep:
     return Sweep(name, stamp, directory, parent, cfg)
 
 
+def _ended_on_failure(sweep: Sweep):
+    """The sweep's parent run never stays RUNNING: FAILED if what follows raises, KILLED if
+    interrupted (`_finish` ends it otherwise)."""
+    return repro.ended_on_failure(repro.Invocation(sweep.cfg, sweep.parent))
+
+
 def _member_env(sweep: Sweep) -> dict[str, str]:
     """What members need of the invocation: its parent run, and the tracking URI resolved here
     (members run in other folders, where a relative sqlite path would point elsewhere)."""
@@ -357,36 +363,36 @@ def run_hydra_sweep(overrides: list[str], *, conf_dir: str, name: str) -> int:
     import hydra
 
     sweep = _start(overrides, conf_dir, name, kind="sweep")
-    fixed = sorted({o.key_or_group for o in _parse(overrides) if not o.is_sweep_override()})
-    argv = [
-        "--multirun",
-        f"--config-path={Path(conf_dir).resolve()}",
-        f"--config-name={config.CONFIG_NAME}",
-        *overrides,
-        f"hydra.sweep.dir='{sweep.directory}'",
-        "hydra.sweep.subdir=${hydra.job.num}",
-        f"hydra.job.config.override_dirname.exclude_keys=[{','.join(fixed)}]",
-        *(f"+hydra.job.env_set.{key}='{value}'" for key, value in _member_env(sweep).items()),
-    ]
-    app = hydra.main(config_path=None, config_name=None, version_base=None)(run_member)
-    saved = sys.argv
-    sys.argv = ["litert-pipeline-sweep", *argv]
-    try:
-        app()
-    except SystemExit as exc:  # Hydra exits after printing why it could not launch (bad override...)
-        if exc.code:
-            tracking.end_parent_run(sweep.cfg.tracking, sweep.parent, succeeded=False)
-            raise ConfigError("the sweep could not start: see Hydra's message above", key="overrides") from None
-    finally:
-        sys.argv = saved
-    results = [json.loads(p.read_text()) for p in sorted(sweep.directory.glob(f"*/{MEMBER_FILE}"),
-                                                          key=lambda p: int(p.parent.name))]
-    if not results:
-        raise InputError("no member ran: check the overrides", file=str(sweep.directory))
-    builds: dict[str, list[str]] = {}
-    for result in results:
-        for model in result.get("models", []):
-            builds.setdefault(model, []).append(result["label"])
+    with _ended_on_failure(sweep):
+        fixed = sorted({o.key_or_group for o in _parse(overrides) if not o.is_sweep_override()})
+        argv = [
+            "--multirun",
+            f"--config-path={Path(conf_dir).resolve()}",
+            f"--config-name={config.CONFIG_NAME}",
+            *overrides,
+            f"hydra.sweep.dir='{sweep.directory}'",
+            "hydra.sweep.subdir=${hydra.job.num}",
+            f"hydra.job.config.override_dirname.exclude_keys=[{','.join(fixed)}]",
+            *(f"+hydra.job.env_set.{key}='{value}'" for key, value in _member_env(sweep).items()),
+        ]
+        app = hydra.main(config_path=None, config_name=None, version_base=None)(run_member)
+        saved = sys.argv
+        sys.argv = ["litert-pipeline-sweep", *argv]
+        try:
+            app()
+        except SystemExit as exc:  # Hydra exits after printing why it could not launch (bad override...)
+            if exc.code:
+                raise ConfigError("the sweep could not start: see Hydra's message above", key="overrides") from None
+        finally:
+            sys.argv = saved
+        results = [json.loads(p.read_text()) for p in sorted(sweep.directory.glob(f"*/{MEMBER_FILE}"),
+                                                              key=lambda p: int(p.parent.name))]
+        if not results:
+            raise InputError("no member ran: check the overrides", file=str(sweep.directory))
+        builds: dict[str, list[str]] = {}
+        for result in results:
+            for model in result.get("models", []):
+                builds.setdefault(model, []).append(result["label"])
     return _finish(sweep, results, report.collect(sweep.directory / "reports", builds))
 
 
@@ -508,7 +514,7 @@ def run_dvc_sweep(overrides: list[str], *, conf_dir: str, name: str, jobs: int, 
             raise ConfigError(f"two members are both named '{member.label}': sweep distinct values", key="overrides")
         planned[member.label] = (member, member_overrides)
     sweep = _start(overrides, conf_dir, name, kind="sweep-dvc")
-    with repro.ended_on_failure(repro.Invocation(sweep.cfg, sweep.parent)):  # never left RUNNING
+    with _ended_on_failure(sweep):
         members = {f"{label}-{sweep.stamp}": planned_member for label, planned_member in planned.items()}
         for experiment, (member, member_overrides) in members.items():
             command = [str(repro.BIN / "dvc"), "exp", "run", "--queue", "-n", experiment]
