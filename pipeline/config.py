@@ -12,10 +12,10 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, is_dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, get_type_hints
 
 from pipeline.errors import ConfigError, InputError
 from pipeline.layout import AUTO_VARIANT, EXAMPLES, LABELS, RECIPES
@@ -1120,13 +1120,19 @@ def _package_prefix(text: str, group: tuple[str, ...]) -> str:
 def _check_one_owner_per_key(conf_dir: Path) -> None:
     """Each key is set by one conf file: Hydra would let a later file (another team's) silently
     override an earlier one's value, e.g. loosen its gates. Options of a one-choice group
-    (`tracking: local`) are alternatives and may set the same keys. No resolvers either."""
+    (`tracking: local`) are alternatives and may set the same keys. No resolvers either, and
+    no model file without a model."""
     import yaml
 
     defaults = (yaml.safe_load(read_yaml_text(conf_dir / f"{CONFIG_NAME}.yaml")) or {}).get("defaults") or []
+    # Chosen one at a time in the defaults list, or by the schema (one `parallel`, however
+    # config.yaml chooses it, or leaves it to the defaults).
     one_choice = {group for entry in defaults if isinstance(entry, dict)
                   for group, choice in entry.items() if isinstance(choice, str)}
-    owners: dict[str, tuple[Path, str]] = {}
+    one_choice |= {name for name, kind in get_type_hints(PipelineConfig).items() if is_dataclass(kind)}
+    owners: dict[str, tuple[Path, str, str]] = {}  # key set -> (file, its package, key)
+    holders: dict[str, tuple[Path, str, str]] = {}  # a key holding keys set -> (the first file, its package, key)
+    without_model: list[Path] = []
     for file in sorted(conf_dir.rglob("*.yaml")):
         relative = file.relative_to(conf_dir)
         if relative.parts[0] in NOT_COMPOSED:
@@ -1143,18 +1149,37 @@ def _check_one_owner_per_key(conf_dir: Path) -> None:
                 raise ConfigError("resolvers (`${oc.env:…}` and the like) are not allowed in conf files: they would "
                                   "copy this machine's environment into params.yaml and MLflow", file=_relative(file),
                                   key=key)
-            other, other_prefix = owners.setdefault(key, (file, prefix))
+            # The same key, or one holding the other (`nightly: 1.0` where conf/nightly/ sets
+            # `nightly.tolerance.*`: Hydra keeps one and drops the other without a word).
+            other, other_prefix, other_key = owners.get(key) or holders.get(key) or next(
+                (owners[part] for part in _parents(key) if part in owners), (file, prefix, key))
+            owners.setdefault(key, (file, prefix, key))
+            for part in _parents(key):
+                holders.setdefault(part, (file, prefix, key))
             alternatives = group and other.parent == file.parent and group[0] in one_choice
             if other != file and not alternatives:
                 # The file whose package holds the key owns it (conf/validation/x.yaml for
                 # validation.x.*); a broader file (a model's `_global_` one) is the intruder.
                 owner, intruder = (other, file) if len(other_prefix) >= len(prefix) else (file, other)
+                key = key if intruder == file else other_key
                 owner_group = owner.parent.relative_to(conf_dir).parts
                 # An option of a one-choice group stands for all of them: which is chosen is not known here.
                 named = (f"the options of {_relative(owner.parent)}/" if owner_group and owner_group[0] in one_choice
                          else _relative(owner))
                 raise ConfigError(f"also set by {named}: each key belongs to one conf file (Hydra would "
                                   "let one file override the other silently)", file=_relative(intruder), key=key)
+        if group == ("model",) and not any(key.startswith("model.") for key, _ in _leaves(node, prefix)):
+            without_model.append(file)
+    for file in without_model[:1]:  # after the keys' owners: a conflict says more
+        # Selected, it would add nothing and the run would build less than asked, silently.
+        raise ConfigError("declares no model: a model file holds `model: {<name>: …}` and its builds (see "
+                          "conf/model/digits.yaml)", file=_relative(file), key="model")
+
+
+def _parents(key: str) -> list[str]:
+    """The keys holding `key`: `a` and `a.b` for `a.b.c`."""
+    parts = key.split(".")
+    return [".".join(parts[:end]) for end in range(1, len(parts))]
 
 
 def _leaves(node: Any, prefix: str) -> Iterator[tuple[str, Any]]:

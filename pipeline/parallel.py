@@ -29,7 +29,8 @@ share one cache (and its run-cache). So:
    run-cache is still filled, for `dvc push --run-cache` to other machines.)
 
 Stage processes defer their tracking records; a worker's records join this project's as each
-unit ends, for the `track` stage to upload them once.
+unit ends, and go up to MLflow from here while the other units build (what is left, the
+`track` stage uploads).
 
 The workers are threads here (`parallel: local`) or Ray tasks (`parallel=ray`: a local Ray
 instance, or a cluster whose nodes see the project and its cache at the same path).
@@ -56,7 +57,7 @@ import yaml
 from tqdm import tqdm
 
 from pipeline import layout, repro, tracking
-from pipeline.config import ParallelEngine, PipelineConfig
+from pipeline.config import ParallelEngine, PipelineConfig, TrackingConfig
 from pipeline.errors import EXIT_OK, OUTCOMES_ENV, BusyError, ConfigError, OutputError, first_line, most_severe
 from pipeline.io import atomic_path, write_text
 
@@ -237,8 +238,8 @@ def reproduce(cfg: PipelineConfig, jobs: int, *, stale: set[str] | None = None, 
         outcomes.mkdir()
         env = {OUTCOMES_ENV: str(outcomes.resolve()), tracking.DEFER_ENV: "1",
                tracking.GIT_COMMIT_ENV: tracking.git_commit()}
-        with _dvc_lock():
-            left = _Build(units, copies, engine, env, graph, cfg).run()
+        with _dvc_lock(), _Uploads(cfg.tracking) as uploads:
+            left = _Build(units, copies, engine, env, graph, cfg, uploads).run()
         failures = [repro.read_outcome(path) for path in sorted(outcomes.glob("*.json"))]
     finally:  # the records of what finished come home and the copies go (their logs stay)
         engine.close()
@@ -258,6 +259,53 @@ def reproduce(cfg: PipelineConfig, jobs: int, *, stale: set[str] | None = None, 
         return code
     failed = {stage for stage in left if not (repro.ancestors(graph, stage) & left)}
     return most_severe([code, repro.summarize_failures(failures, failed)])
+
+
+class _Uploads:
+    """The records of each unit that ended go up to MLflow, in a thread of this process, while
+    the other units build: this process opened the parent run, so MLflow is imported and its
+    store open already, where the `track` stage after the workers would import it again and
+    upload every build at the end (16.5 s of a 233 s `-j 2` run at 5 models, measured). What
+    is not uploaded here (MLflow lost, a run interrupted) stays deferred for `track`, whose
+    handling of an unreachable or refusing server (the queue, `tracking.required`) applies."""
+
+    def __init__(self, settings: TrackingConfig):
+        self.tracking, self.parent = settings, os.environ.get(tracking.PARENT_ENV)
+        self.ready, self.done, self.stop = threading.Event(), threading.Event(), threading.Event()
+        self.thread = threading.Thread(target=self._upload, name="uploads", daemon=True)
+        self.settings = contextlib.ExitStack()
+
+    def __enter__(self) -> "_Uploads":
+        if self.tracking.enabled and self.parent:  # else offline, or nothing to log: `track` queues
+            self.settings.enter_context(tracking.http_settings(self.tracking))
+            self.thread.start()
+        return self
+
+    def wake(self) -> None:
+        self.ready.set()
+
+    def __exit__(self, kind, error, trace) -> None:
+        if kind is not None:  # failed or interrupted: the record being uploaded ends, the rest waits
+            self.stop.set()
+        self.done.set()
+        self.ready.set()
+        if self.thread.is_alive():
+            self.thread.join()
+        self.settings.close()
+
+    def _upload(self) -> None:
+        while not self.stop.is_set():
+            self.ready.wait()
+            self.ready.clear()
+            finishing = self.done.is_set()  # the last records came home before `done` was set
+            try:
+                tracking.sync(self.tracking, self.parent, folder=tracking.DEFERRED_DIR, stop=self.stop)
+            except Exception as exc:  # noqa: BLE001 - whatever it is, `track` meets it again and reports it
+                _print_above_bar(f"warning: uploading records while the workers build stopped: {first_line(exc)}; "
+                                 "the `track` stage uploads the rest")
+                return
+            if finishing:
+                return
 
 
 @contextlib.contextmanager
@@ -283,8 +331,9 @@ class _Build:
     """The units, on the copies, in order: returns the stages left out of date."""
 
     def __init__(self, units: dict[str, Unit], copies: list["_Copy"], engine: "_Engine", env: dict[str, str],
-                 graph: dict[str, set[str]], cfg: PipelineConfig):
+                 graph: dict[str, set[str]], cfg: PipelineConfig, uploads: "_Uploads"):
         self.units, self.copies, self.engine, self.env, self.graph, self.cfg = units, copies, engine, env, graph, cfg
+        self.uploads = uploads
         self.home = _read_lock(LOCK)
         self.built: set[str] = set()  # stages built this run, their entries and outputs home
         self.finished: set[str] = set()  # units
@@ -320,6 +369,7 @@ class _Build:
                 copy, dvc_failed = self.engine.next_ended()
                 idle.append(copy)
                 copy.collect_records()
+                self.uploads.wake()
                 self._ended(running.pop(copy.index), copy, dvc_failed)
         finally:
             self.bar.close()
@@ -561,21 +611,48 @@ class _Ray(_Engine):
 
 
 RAY_CONNECT_SECONDS = 10
+RAY_HANDSHAKE_SECONDS = 5  # a head's gRPC answers in milliseconds once its port accepted
 
 
 def _check_ray(address: str) -> None:
-    """Ray installed, and a head at <host>:<port> answering within seconds; else one line now
-    (Ray itself would wait for it for minutes)."""
+    """Ray installed, and a Ray head at the address answering within seconds (its gRPC, not
+    just any server on that port); else one line now. Ray itself waits for a head for a
+    minute, printing its GCS client's log lines, after the run's parent run opened."""
     if importlib.util.find_spec("ray") is None:
         raise ConfigError("parallel=ray needs Ray: pip install -e '.[ray]'", key="parallel.engine")
-    if address in ("", "auto"):
-        return
+    if address == "":
+        return  # a local instance, started by the run
+    if address == "auto":
+        address = _auto_address()
     host, _, port = address.removeprefix("ray://").rpartition(":")
     try:
         socket.create_connection((host, int(port)), timeout=RAY_CONNECT_SECONDS).close()
     except OSError as exc:
         raise ConfigError(f"nothing answers at {address}: {exc.strerror or first_line(exc)}",
                           key="parallel.ray_address") from None
+    import grpc  # Ray's own RPC library (a dependency of Ray)
+
+    channel = grpc.insecure_channel(f"{host}:{port}")
+    try:
+        grpc.channel_ready_future(channel).result(timeout=RAY_HANDSHAKE_SECONDS)
+    except grpc.FutureTimeoutError:
+        raise ConfigError(f"{address} answers, but not as a Ray head (no gRPC within {RAY_HANDSHAKE_SECONDS} s): "
+                          "is it the head's GCS port (6379 by default) or its client port (ray://…:10001)?",
+                          key="parallel.ray_address") from None
+    finally:
+        channel.close()
+
+
+def _auto_address() -> str:
+    """The cluster `auto` names, as Ray finds it (RAY_ADDRESS, then the last `ray start` on this
+    machine); none is one line now instead of after the parent run opened."""
+    from ray._private.services import get_ray_address_from_environment  # the lookup ray.init("auto") makes
+
+    try:
+        return get_ray_address_from_environment("auto", None)
+    except ConnectionError:
+        raise ConfigError("auto: no running Ray cluster found on this machine (start one with `ray start --head`, "
+                          "or name its address)", key="parallel.ray_address") from None
 
 
 def run_worker(worker: str, stages: list[str], env: dict[str, str], index: int, log: str) -> bool:

@@ -26,6 +26,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -193,8 +194,10 @@ def _refused(exc: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def _http_settings(tracking: TrackingConfig) -> Iterator[None]:
-    """Bounded retries for this call (MLflow's defaults retry for minutes); the environment wins."""
+def http_settings(tracking: TrackingConfig) -> Iterator[None]:
+    """Bounded retries for this call (MLflow's defaults retry for minutes); the environment wins.
+    Set in os.environ: a caller uploading in a thread while others start processes holds them
+    around both, so no thread changes the environment another is copying."""
     settings = {
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(tracking.http_retries),
         "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -213,7 +216,7 @@ def _call(tracking: TrackingConfig, action: Callable[[Any], T], *, doing: str) -
     """Run `action(client)`; any MLflow failure becomes one TrackingError line naming the URI."""
     uri = tracking_uri(tracking)
     try:
-        with _http_settings(tracking):
+        with http_settings(tracking):
             from mlflow import MlflowClient
 
             return action(MlflowClient(tracking_uri=uri))
@@ -651,13 +654,17 @@ def _load(entry: Path) -> StageRecord:
 REJECTED_DIR = Path(".litert/rejected")
 
 
-def sync(tracking: TrackingConfig, parent: str | None, folder: Path = PENDING_DIR) -> int:
+def sync(tracking: TrackingConfig, parent: str | None, folder: Path = PENDING_DIR,
+         stop: threading.Event | None = None) -> int:
     """Upload queued records, oldest first; records made without a parent run join `parent`.
     A record the server refuses, or that cannot be read, is set aside under .litert/rejected/
     with its reason (kept, never deleted) and the others go on. An unreachable server stops
-    the upload (TrackingError), keeping what is left. Returns how many went up."""
+    the upload (TrackingError), keeping what is left; so does `stop`, between records.
+    Returns how many went up."""
     uploaded = 0
     for entry in pending(folder):
+        if stop is not None and stop.is_set():
+            break
         try:
             record = _load(entry)
             if record.stage == INVOCATION_STAGE and not record.parent:

@@ -274,7 +274,7 @@ def _config(project):
     return config.load(project / "params.yaml")
 
 
-def test_an_unreachable_ray_address_is_one_line_at_once():
+def test_an_unreachable_ray_address_is_one_line_at_once(monkeypatch):
     pytest.importorskip("ray")
     import socket
 
@@ -290,6 +290,18 @@ def test_an_unreachable_ray_address_is_one_line_at_once():
         with pytest.raises(ConfigError) as caught:
             parallel.through_workers(cfg, jobs)
         assert "parallel.ray_address" in caught.value.one_line() and "nothing answers" in caught.value.one_line()
+    # `auto` names the cluster Ray would find (here by RAY_ADDRESS): the same check.
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    cfg.parallel = dataclasses.replace(cfg.parallel, ray_address="auto")
+    with pytest.raises(ConfigError, match="nothing answers"):
+        parallel.through_workers(cfg, 2)
+    # A port that accepts but is no Ray head (another service): refused in seconds, not Ray's minute.
+    with socket.socket() as service:
+        service.bind(("127.0.0.1", 0))
+        service.listen()
+        cfg.parallel = dataclasses.replace(cfg.parallel, ray_address=f"127.0.0.1:{service.getsockname()[1]}")
+        with pytest.raises(ConfigError, match="not as a Ray head"):
+            parallel.through_workers(cfg, 2)
 
 
 def test_a_gate_failed_in_a_worker_leaves_its_report_home_as_a_serial_run_does(parallel_run):
@@ -326,3 +338,74 @@ def test_a_plain_dvc_repro_is_refused_while_the_workers_build(tmp_path, monkeypa
     assert blocked.returncode != 0 and "Unable to acquire lock" in blocked.stderr + blocked.stdout
     assert not (tmp_path / "hello.txt").exists()
     assert run_cli("dvc", "repro", cwd=tmp_path).returncode == 0
+
+
+@pytest.fixture
+def deferring_store(tmp_path, monkeypatch):
+    """A real local MLflow store, a parent run, and stages deferring their records (as in a worker)."""
+    from pipeline import tracking
+    from pipeline.config import TrackingConfig
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("MLFLOW_TRACKING_URI", tracking.PARENT_ENV, tracking.OFFLINE_ENV, "DVC_STAGE"):
+        monkeypatch.delenv(name, raising=False)
+    store = TrackingConfig(experiment="uploads")
+    monkeypatch.setenv(tracking.PARENT_ENV, tracking.start_parent_run(store, "run", {"kind": "repro"}))
+    monkeypatch.setenv(tracking.DEFER_ENV, "1")
+    return store
+
+
+def _defer(store, variant: str) -> None:
+    from pipeline import tracking
+
+    tracking.log_stage(store, tracking.StageRecord(model="m", variant=variant, stage="quantize", team="t",
+                                                   metrics={"size_bytes": 10}))
+
+
+def _runs(store) -> dict[str, str]:
+    """Each build run's variant, and its parent."""
+    from mlflow import MlflowClient
+
+    from pipeline import tracking
+
+    client = MlflowClient(tracking_uri=tracking.tracking_uri(store))
+    experiment = client.get_experiment_by_name(store.experiment).experiment_id
+    return {run.data.tags["litert.variant"]: run.data.tags["mlflow.parentRunId"]
+            for run in client.search_runs([experiment], "tags.`litert.model` = 'm'")}
+
+
+def test_each_units_records_go_up_while_the_workers_build(deferring_store):
+    import time
+
+    from pipeline import tracking
+
+    _defer(deferring_store, "a")
+    with parallel._Uploads(deferring_store) as uploads:
+        uploads.wake()  # a unit ended and its records came home
+        for _ in range(300):  # while the other workers build
+            if not tracking.pending(tracking.DEFERRED_DIR):
+                break
+            time.sleep(0.1)
+        assert not tracking.pending(tracking.DEFERRED_DIR)
+        _defer(deferring_store, "b")  # the last unit's, home as the workers end
+    assert not tracking.pending(tracking.DEFERRED_DIR)  # none left for `track`
+    parent = os.environ[tracking.PARENT_ENV]
+    assert _runs(deferring_store) == {"a": parent, "b": parent}
+
+
+def test_records_not_uploaded_while_the_workers_build_wait_for_the_track_stage(deferring_store, monkeypatch, capsys):
+    from pipeline import tracking
+    from pipeline.config import TrackingConfig
+
+    _defer(deferring_store, "a")
+    with pytest.raises(KeyboardInterrupt):  # interrupted before any upload
+        with parallel._Uploads(deferring_store):
+            raise KeyboardInterrupt
+    assert len(tracking.pending(tracking.DEFERRED_DIR)) == 1
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    lost = TrackingConfig(uri="http://127.0.0.1:9", experiment="uploads", required=True)
+    with parallel._Uploads(lost) as uploads:  # MLflow lost: one warning, and the records stay
+        uploads.wake()
+    assert len(tracking.pending(tracking.DEFERRED_DIR)) == 1
+    assert "the `track` stage uploads the rest" in capsys.readouterr().out
+    assert _runs(deferring_store) == {}

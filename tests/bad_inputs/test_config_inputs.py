@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pipeline.errors import EXIT_CONFIG
 from tests.bad_inputs.conftest import fails, fails_cleanly, run, set_params, snapshot, stage
@@ -156,6 +157,32 @@ def test_a_key_of_a_one_choice_group_names_the_group_not_one_option(tiny_project
     (tiny_project / "conf/model/team_b.yaml").write_text("# @package _global_\nparallel:\n  ray_address: auto\n")
     line = fails_cleanly(tiny_project, COMPOSE, EXIT_CONFIG, "conf/model/team_b.yaml", "parallel.ray_address")
     assert "also set by the options of conf/parallel/:" in line
+
+
+@pytest.mark.parametrize(("body", "key", "owner"), [
+    ("nightly: 1.0", "nightly", "the options of conf/nightly/"),  # a scalar where conf/nightly/ sets a mapping
+    ("validation:\n  classifier: loose", "validation.classifier", "conf/validation/classifier.yaml")])
+def test_a_value_over_another_files_mapping_is_refused_not_dropped(tiny_project, body, key, owner):
+    """Hydra kept the group's mapping and dropped the team file's value without a word."""
+    (tiny_project / "conf/model/team_b.yaml").write_text(f"# @package _global_\n{body}\n")
+    line = fails_cleanly(tiny_project, COMPOSE, EXIT_CONFIG, "conf/model/team_b.yaml", f"{key}:")
+    assert f"also set by {owner}:" in line
+
+
+def test_a_one_choice_group_left_to_its_defaults_is_not_a_conflict_of_its_options(tiny_project):
+    """Without `parallel: local` in config.yaml, the schema's defaults hold; its two options
+    set the same keys as alternatives, as when one is chosen."""
+    edit(tiny_project / "conf/config.yaml", "  - parallel: local\n", "")
+    result = run(tiny_project, *COMPOSE)
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load((tiny_project / "params.yaml").read_text())["parallel"]["engine"] == "local"
+
+
+def test_a_model_file_without_a_model_is_refused(tiny_project):
+    """Selected, it added nothing: `compose` wrote `model: {}` and exit 0."""
+    (tiny_project / "conf/model/empty.yaml").write_text("# @package _global_\n# nothing yet\n")
+    line = fails_cleanly(tiny_project, COMPOSE, EXIT_CONFIG, "conf/model/empty.yaml", "model:")
+    assert "declares no model" in line
 
 
 def test_resolvers_cannot_copy_the_environment_into_the_config(tiny_project):
