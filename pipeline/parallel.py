@@ -289,8 +289,8 @@ class _Uploads:
             self.stop.set()
         self.done.set()
         self.ready.set()
-        if self.thread.is_alive():
-            self.thread.join()
+        if self.thread.is_alive():  # interrupted, not for long: the thread dies with the process
+            self.thread.join(None if kind is None else STOP_SECONDS)
         self.settings.close()
 
     def _upload(self) -> None:
@@ -622,13 +622,15 @@ def _check_ray(address: str) -> None:
         raise ConfigError("parallel=ray needs Ray: pip install -e '.[ray]'", key="parallel.engine")
     if address == "":
         return  # a local instance, started by the run
+    shown = address
     if address == "auto":
         address = _auto_address()
+        shown = f"{address} (auto)"
     host, _, port = address.removeprefix("ray://").rpartition(":")
     try:
         socket.create_connection((host, int(port)), timeout=RAY_CONNECT_SECONDS).close()
     except OSError as exc:
-        raise ConfigError(f"nothing answers at {address}: {exc.strerror or first_line(exc)}",
+        raise ConfigError(f"nothing answers at {shown}: {exc.strerror or first_line(exc)}",
                           key="parallel.ray_address") from None
     import grpc  # Ray's own RPC library (a dependency of Ray)
 
@@ -636,7 +638,7 @@ def _check_ray(address: str) -> None:
     try:
         grpc.channel_ready_future(channel).result(timeout=RAY_HANDSHAKE_SECONDS)
     except grpc.FutureTimeoutError:
-        raise ConfigError(f"{address} answers, but not as a Ray head (no gRPC within {RAY_HANDSHAKE_SECONDS} s): "
+        raise ConfigError(f"{shown} answers, but not as a Ray head (no gRPC within {RAY_HANDSHAKE_SECONDS} s): "
                           "is it the head's GCS port (6379 by default) or its client port (ray://…:10001)?",
                           key="parallel.ray_address") from None
     finally:

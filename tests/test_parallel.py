@@ -293,7 +293,7 @@ def test_an_unreachable_ray_address_is_one_line_at_once(monkeypatch):
     # `auto` names the cluster Ray would find (here by RAY_ADDRESS): the same check.
     monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
     cfg.parallel = dataclasses.replace(cfg.parallel, ray_address="auto")
-    with pytest.raises(ConfigError, match="nothing answers"):
+    with pytest.raises(ConfigError, match=rf"nothing answers at 127.0.0.1:{port} \(auto\)"):
         parallel.through_workers(cfg, 2)
     # A port that accepts but is no Ray head (another service): refused in seconds, not Ray's minute.
     with socket.socket() as service:
