@@ -1170,10 +1170,10 @@ def _check_one_owner_per_key(conf_dir: Path) -> None:
                                   "let one file override the other silently)", file=_relative(intruder), key=key)
         if group == ("model",) and not any(key.startswith("model.") for key, _ in _leaves(node, prefix)):
             without_model.append(file)
-    for file in without_model[:1]:  # after the keys' owners: a conflict says more
+    if without_model:  # after the keys' owners: a conflict says more
         # Selected, it would add nothing and the run would build less than asked, silently.
         raise ConfigError("declares no model: a model file holds `model: {<name>: …}` and its builds (see "
-                          "conf/model/digits.yaml)", file=_relative(file), key="model")
+                          "conf/model/digits.yaml)", file=_relative(without_model[0]), key="model")
 
 
 def _parents(key: str) -> list[str]:
