@@ -592,6 +592,12 @@ def check_function_reference(reference: str, *, trusted: bool, key: str, file: s
 RAY_ADDRESS = re.compile(r"auto|(ray://)?[A-Za-z0-9][A-Za-z0-9.-]{0,252}:(?P<port>[0-9]{1,5})")
 
 
+def is_ray_address(text: str) -> bool:
+    """`auto`, <host>:<port> or ray://<host>:<port>, the port in 1..65535."""
+    address = RAY_ADDRESS.fullmatch(text)
+    return bool(address) and (address["port"] is None or 1 <= int(address["port"]) <= 65535)
+
+
 def check_tracking_uri(uri: str) -> None:
     """The syntax of a tracking URI (MLflow is not contacted)."""
     if uri and not TRACKING_URI.match(uri):
@@ -742,8 +748,7 @@ def _check_references(cfg: PipelineConfig, file: str) -> None:
             raise ConfigError(f"unknown metric (use {', '.join(HIGHER_IS_BETTER)})", file=file,
                               key=f"nightly.tolerance.{metric}")
     _check_inside_project(cfg.nightly.summary, file, "nightly.summary")
-    address = RAY_ADDRESS.fullmatch(cfg.parallel.ray_address)
-    if cfg.parallel.ray_address and not (address and (address["port"] is None or 1 <= int(address["port"]) <= 65535)):
+    if cfg.parallel.ray_address and not is_ray_address(cfg.parallel.ray_address):
         raise ConfigError("not a Ray address (empty, auto, <host>:<port> or ray://<host>:<port>)", file=file,
                           key="parallel.ray_address")
     if cfg.parallel.ray_address and cfg.parallel.engine is not ParallelEngine.ray:

@@ -57,7 +57,7 @@ import yaml
 from tqdm import tqdm
 
 from pipeline import layout, repro, tracking
-from pipeline.config import ParallelEngine, PipelineConfig, TrackingConfig
+from pipeline.config import ParallelEngine, PipelineConfig, TrackingConfig, is_ray_address
 from pipeline.errors import EXIT_OK, OUTCOMES_ENV, BusyError, ConfigError, OutputError, first_line, most_severe
 from pipeline.io import atomic_path, write_text
 
@@ -651,10 +651,14 @@ def _auto_address() -> str:
     from ray._private.services import get_ray_address_from_environment  # the lookup ray.init("auto") makes
 
     try:
-        return get_ray_address_from_environment("auto", None)
+        address = get_ray_address_from_environment("auto", None)
     except ConnectionError:
         raise ConfigError("auto: no running Ray cluster found on this machine (start one with `ray start --head`, "
                           "or name its address)", key="parallel.ray_address") from None
+    if address == "auto" or not is_ray_address(address):  # RAY_ADDRESS is checked here, as the config was at load
+        raise ConfigError(f"auto found {address!r} (RAY_ADDRESS?): not a Ray address (<host>:<port> or "
+                          "ray://<host>:<port>)", key="parallel.ray_address")
+    return address
 
 
 def run_worker(worker: str, stages: list[str], env: dict[str, str], index: int, log: str) -> bool:

@@ -295,6 +295,9 @@ def test_an_unreachable_ray_address_is_one_line_at_once(monkeypatch):
     cfg.parallel = dataclasses.replace(cfg.parallel, ray_address="auto")
     with pytest.raises(ConfigError, match=rf"nothing answers at 127.0.0.1:{port} \(auto\)"):
         parallel.through_workers(cfg, 2)
+    monkeypatch.setenv("RAY_ADDRESS", "garbage")  # the environment is untrusted like the config
+    with pytest.raises(ConfigError, match="not a Ray address"):
+        parallel.through_workers(cfg, 2)
     # A port that accepts but is no Ray head (another service): refused in seconds, not Ray's minute.
     with socket.socket() as service:
         service.bind(("127.0.0.1", 0))
