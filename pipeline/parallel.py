@@ -12,9 +12,10 @@ share one cache (and its run-cache). So:
    builds fill both workers.
 3. N workers, each a copy of the project under `.litert/workers/` (code, config, dvc.lock and
    the outputs so far; no git, no MLflow store) using this project's cache, run `dvc repro` of
-   one unit at a time: the ready unit with the longest chain of stages after it first, on an
-   idle worker (the one holding most of what it needs). Before a worker runs a unit, the
-   outputs of the units it depends on that another worker built are copied into it, and its
+   one unit at a time: the ready unit with the longest chain of stages after it first (an
+   auto-selection counts as several), on an idle worker (the one holding most of what it
+   needs). Before a worker runs a unit, the outputs of the units it depends on that another
+   worker built are copied into it, and its
    dvc.lock is cut to the entries of the unit's stages and of those they depend on: DVC finds
    them up to date there, and rewrites a small lock after each stage instead of the whole
    project's (4 s of YAML a stage at 5 models, measured, and growing with every model).
@@ -66,6 +67,11 @@ SHARED_STAGES = ("data", "generate", "prepare")
 WORKERS = Path(".litert/workers")
 # Not copied into a worker: version control, the caches, MLflow's local store, other workers.
 NOT_COPIED = (".git", ".dvc", ".litert", ".venv", "mlruns", "mlflow.db", "dvc_plots", "__pycache__")
+# What a stage costs, in plain stages, when units are ordered. Auto-selection quantizes and
+# validates every candidate: 10.3 s for digits, against 0.9-2.5 s for each stage of a build
+# (P7's timeline, bench/first_run.md). Counted as one stage, it started last and left one
+# worker alone with it at the end of a one-model run.
+STAGE_COST = {"autoselect": 5}
 STOP_SECONDS = 30  # a worker's DVC gets this long to stop its stage after a SIGINT
 LOCK = Path("dvc.lock")
 LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when PyYAML has it
@@ -97,7 +103,7 @@ class Unit:
     name: str
     stages: list[str]
     after: set[str] = dataclasses.field(default_factory=set)  # units that must be built first
-    rank: int = 0  # stages on the longest chain from its start to the end: the longest goes first
+    rank: int = 0  # cost of the longest chain from its start to the end (STAGE_COST): the longest goes first
 
 
 def build_of(stage: str, cfg: PipelineConfig) -> str | None:
@@ -138,7 +144,8 @@ def plan(stages: Iterable[str], graph: dict[str, set[str]], cfg: PipelineConfig,
 
     def rank(name: str) -> int:
         if not units[name].rank:
-            units[name].rank = len(units[name].stages) + max((rank(child) for child in below[name]), default=0)
+            cost = sum(STAGE_COST.get(stage.partition("@")[0], 1) for stage in units[name].stages)
+            units[name].rank = cost + max((rank(child) for child in below[name]), default=0)
         return units[name].rank
 
     for name in units:

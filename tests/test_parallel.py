@@ -221,6 +221,17 @@ def _graph(cfg) -> dict[str, set[str]]:
     return graph
 
 
+def test_auto_selection_starts_before_the_builds_it_outlasts():
+    cfg = _generated_config(1)
+    graph = {**_graph(cfg), "autoselect@m0": {"convert@m0", "representative@m0"}}
+    graph["report@m0"] = graph["report@m0"] | {"autoselect@m0"}
+    units = parallel.plan(parallel.affected_stages(cfg, graph, {"convert@m0"}), graph, cfg, 2)
+    assert units["autoselect:m0"].after == {"before:m0"}
+    # Counted as one stage it would start after every build (3 stages each), leaving one worker
+    # alone with it at the end; it costs several.
+    assert units["autoselect:m0"].rank > units["build:m0-float"].rank == 3 + 1
+
+
 def test_units_are_whole_models_but_for_the_last_ones_which_go_in_pieces():
     cfg = _generated_config(3)
     graph = _graph(cfg)
