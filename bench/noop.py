@@ -48,7 +48,7 @@ def measure(count: int, work: Path) -> dict:
     project = scaling.generated_project(work / f"n{count}", count)
     models = ",".join(f"gen_{index}" for index in range(count))
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    subprocess.run([str(BIN / "litert-pipeline"), "compose", f"model=[{models}]"], cwd=project, env=env, check=True,
+    subprocess.run([sys.executable, "-m", "pipeline.cli", "compose", f"model=[{models}]"], cwd=project, env=env, check=True,
                    capture_output=True)
     params = project / "params.yaml"
     with Repo(str(project)) as repo:

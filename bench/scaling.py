@@ -51,7 +51,7 @@ def git(folder: Path, *args: str) -> None:
 
 def timed_run(project: Path, count: int, jobs: int) -> dict:
     models = ",".join(f"gen_{index}" for index in range(count))
-    command = [str(BIN / "litert-pipeline"), "run", "-j", str(jobs), f"model=[{models}]"]
+    command = [sys.executable, "-m", "pipeline.cli", "run", "-j", str(jobs), f"model=[{models}]"]  # the clone's code
     env = {**os.environ, **ENV, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     start = time.perf_counter()
     done = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True)

@@ -9,7 +9,7 @@ import sys
 
 from pipeline import __version__
 from pipeline.entry import exit_on_error
-from pipeline.errors import EXIT_CONFIG, EXIT_OK, naming_file
+from pipeline.errors import EXIT_CONFIG, EXIT_OK, InputError, naming_file
 
 
 def _jobs(text: str) -> int:
@@ -61,7 +61,13 @@ def _summarized(cfg, code: int) -> int:
     """dvc.yaml's artifacts with this run's verdicts, and the summary; returns `code`."""
     from pipeline import repro
 
-    verdicts = repro.build_verdicts(cfg)  # hashes every delivered model: once
+    stale, graph = set(), {}
+    if code != EXIT_OK:  # what failed left its builds' earlier models in place: not this run's verdicts
+        try:
+            stale, graph = repro.stale_stages(), repro.stage_graph()
+        except InputError as exc:
+            print(f"warning: {exc.one_line()}: the verdicts below may be of earlier runs", file=sys.stderr)
+    verdicts = repro.build_verdicts(cfg, stale, graph)  # hashes every delivered model: once
     repro.declare_artifacts(cfg, verdicts)
     print(repro.summary(cfg, verdicts))
     return code

@@ -17,7 +17,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, get_type_hints
 
-from pipeline.errors import ConfigError, InputError
+from pipeline.errors import ConfigError, InputError, first_line
 from pipeline.layout import AUTO_VARIANT, EXAMPLES, LABELS, RECIPES
 
 PARAMS_FILE = "params.yaml"
@@ -558,6 +558,7 @@ HIGHER_IS_BETTER: dict[str, bool] = {
 NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_]*[A-Za-z0-9])?")
 NAME_RULE = "names use A-Z, a-z, 0-9 and _ only, and start and end with a letter or digit"
 REGISTRY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+TEAM_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_-]*[A-Za-z0-9])?")
 # Tensor names as LiteRT signatures spell them.
 TENSOR_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]*")
 INTEGER_RANGES = {TensorDtype.int32: (-2**31, 2**31 - 1), TensorDtype.int64: (-2**63, 2**63 - 1),
@@ -683,6 +684,9 @@ def _check_references(cfg: PipelineConfig, file: str) -> None:
                 if tensor.labels is not None:
                     _check_inside_project(tensor.labels, file, f"{key}.metadata.{role}[{index}].labels", under=LABELS)
                 _check_tensor_numbers(tensor, file, f"{key}.metadata.{role}[{index}]")
+        if not TEAM_NAME.fullmatch(model.team):  # it names registered models (`<team>.<model>`) and tags
+            raise ConfigError("team names use A-Z, a-z, 0-9, _ and - only, and start and end with a letter or digit",
+                              file=file, key=f"{key}.team")
         if model.registry_name and not REGISTRY_NAME.fullmatch(model.registry_name):
             raise ConfigError("registered model names use A-Z, a-z, 0-9, _ . and - only", file=file,
                               key=f"{key}.registry_name")
@@ -772,7 +776,10 @@ def _check_inside_project(path: str, file: str, key: str, under: Path | None = N
         raise ConfigError(f"'{path}' is outside the project: name a path relative to it", file=file, key=key)
     # A symbolic link committed inside the project may lead anywhere on the host: the path is
     # checked as it resolves, here (every stage loads its config) and so before it is read.
-    resolved = normal.resolve()
+    try:
+        resolved = normal.resolve()
+    except (RuntimeError, OSError) as exc:  # RuntimeError: a loop of symbolic links
+        raise ConfigError(f"'{path}' cannot be resolved: {first_line(exc)}", file=file, key=key) from None
     roots = [Path.cwd()] + ([Path(os.environ[PROJECT_ROOT_ENV])] if os.environ.get(PROJECT_ROOT_ENV) else [])
     if not any(resolved.is_relative_to(root.resolve()) for root in roots):
         raise ConfigError(f"'{path}' leads outside the project through a symbolic link", file=file, key=key)
@@ -995,9 +1002,35 @@ def check_inputs_exist(cfg: PipelineConfig, conf_dir: str | Path = CONF_DIR) -> 
               for role in ("inputs", "outputs") for index, tensor in enumerate(getattr(model.metadata, role))
               if tensor.labels]
     for path, key in named:
+        problem = None
         if not Path(path).exists() and not any(folder in Path(path).parents for folder in made):
+            problem = f"'{path}' does not exist"
+        elif Path(path).is_dir() and not key.endswith(".source.path"):  # a SavedModel is a folder
+            problem = f"'{path}' is a folder: name a file"
+        elif Path(path).exists():
+            problem = _special_file(Path(path))
+        if problem:
             file = _conf_file_defining(Path(conf_dir).resolve(), key)
-            raise InputError(f"'{path}' does not exist", file=_relative(file) if file else PARAMS_FILE, key=key)
+            raise InputError(problem, file=_relative(file) if file else PARAMS_FILE, key=key)
+
+
+MAX_FILES_CHECKED = 100_000
+
+
+def _special_file(path: Path) -> str | None:
+    """Why `path` (or a file in it) is not a regular file DVC and the stages can read: a FIFO
+    or a device blocks `dvc status` (it hashes every dependency) and the stage forever."""
+    if path.is_file():
+        return None
+    if not path.is_dir():
+        return f"'{path}' is not a regular file or folder (a FIFO, socket or device)"
+    for count, (folder, _, names) in enumerate(os.walk(path)):
+        if count > MAX_FILES_CHECKED:
+            return f"'{path}' holds more than {MAX_FILES_CHECKED} folders"
+        for name in names:
+            if not os.path.isfile(os.path.join(folder, name)):
+                return f"'{Path(folder, name)}' (in '{path}') is not a regular file (a FIFO, socket, device or broken link)"
+    return None
 
 
 def check_source_exists(model: ModelConfig, name: str, *, file: str = PARAMS_FILE) -> None:
@@ -1018,7 +1051,7 @@ def compose(overrides: list[str] | None = None, conf_dir: str | Path = CONF_DIR)
     """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
-    from hydra.errors import HydraException
+    from hydra.errors import HydraException, OverrideParseException
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -1030,6 +1063,8 @@ def compose(overrides: list[str] | None = None, conf_dir: str | Path = CONF_DIR)
         with initialize_config_dir(str(conf_path), version_base=None):
             cfg = hydra_compose(config_name=CONFIG_NAME, overrides=list(overrides or []))
         OmegaConf.resolve(cfg)
+    except OverrideParseException as exc:
+        raise ConfigError(" ".join(str(exc).split()), file="command line") from None
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(" ".join(str(exc).split()), file=str(Path(conf_dir) / f"{CONFIG_NAME}.yaml")) from None
     except Exception as exc:  # yaml.YAMLError from a malformed group file
@@ -1040,7 +1075,7 @@ def compose(overrides: list[str] | None = None, conf_dir: str | Path = CONF_DIR)
     try:
         typed = validate(cfg, file="params.yaml")
     except ConfigError as exc:
-        if _overridden(overrides or [], exc.key):
+        if _overridden(overrides or [], exc.key, conf_path):
             raise ConfigError(exc.message, file="command line", key=exc.key) from None
         exc.file = _conf_file_defining(conf_path, exc.key) or str(Path(conf_dir) / f"{CONFIG_NAME}.yaml")
         raise ConfigError(exc.message, file=_relative(exc.file), key=exc.key) from None
@@ -1098,10 +1133,13 @@ def value_at(data: Any, key: str) -> Any:
     return _UNSET if remaining else node
 
 
-def _overridden(overrides: list[str], key: str | None) -> bool:
-    """Whether a command-line override (`a.b=1`, `+a.b=1`, `++a.b=1`) set `key` or a part of it."""
+def _overridden(overrides: list[str], key: str | None, conf_dir: Path) -> bool:
+    """Whether a command-line override (`a.b=1`, `+a.b=1`, `++a.b=1`) set `key` or a part of it.
+    Choosing a group's options (`model=[x]`) sets nothing: the option's file does."""
     for override in overrides:
         name = override.split("=", 1)[0].lstrip("+~")
+        if (conf_dir / name.replace("/", os.sep)).is_dir():
+            continue
         if key and (key == name or key.startswith((f"{name}.", f"{name}["))):
             return True
     return False

@@ -168,8 +168,8 @@ def _nightly(invocation: repro.Invocation, name: str, started: str, verbose: boo
     repro_code = (parallel.reproduce(cfg, jobs, verbose=verbose) if parallel.through_workers(cfg, jobs)
                   else repro.reproduce(verbose=verbose))
     repro.upload_deferred(invocation)  # the stages' runs and registrations, before comparing with production
-    repro.declare_artifacts(cfg)  # dvc.yaml's artifacts with this run's verdicts
     stale, graph = repro.stale_stages(), repro.stage_graph()
+    repro.declare_artifacts(cfg, repro.build_verdicts(cfg, stale, graph))  # dvc.yaml's artifacts: this run's verdicts
     builds = {name: resolve_build(cfg, name) for name in cfg.build}
     results = [classify(build, stale, repro.ancestors(graph, f"validate@{name}")) for name, build in builds.items()]
     if cfg.tracking.enabled:

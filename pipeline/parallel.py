@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import filecmp
 import importlib.util
 import logging
 import os
@@ -253,10 +254,10 @@ def reproduce(cfg: PipelineConfig, jobs: int, *, stale: set[str] | None = None, 
         for copy in copies:
             copy.collect_records()
             shutil.rmtree(copy.folder, ignore_errors=True)
-    built = {stage for unit in units.values() for stage in unit.stages}
+    planned = {stage for unit in units.values() for stage in unit.stages}
     used = sum(copy.log.exists() for copy in copies)  # a copy whose units all waited on others ran none
-    print(f"workers: {used} built {len(built)} stage(s) of "
-          f"{len({model_of(stage, cfg) for stage in built})} model(s) in {len(units)} unit(s)", file=sys.stderr)
+    print(f"workers: {used} built {len(planned - left)} of {len(planned)} stage(s) of "
+          f"{len({model_of(stage, cfg) for stage in planned})} model(s) in {len(units)} unit(s)", file=sys.stderr)
     # A failed stage is not run twice (its outcome is recorded); with every stage built, the
     # `track` stage runs here, as a serial `dvc repro` ends.
     # `--single-item`: every other stage was just built or found up to date; DVC checking them
@@ -416,11 +417,17 @@ class _Build:
             raise OutputError(f"a worker's lock lacks what it built ({first_line(exc)})",
                               file=str(copy.folder / LOCK)) from None
         for stage, entry in entries.items():
-            if entry != self.home["stages"].get(stage):  # else up to date here already
-                for path in _outputs(entry, copy.folder / LOCK):
-                    _copy_into(copy.folder / path, path, stage)
-                self.home["stages"][stage] = entry
-                self.brought = True
+            outputs = _outputs(entry, copy.folder / LOCK)
+            # The same lock entry does not mean the same files here: a stage that failed in an
+            # earlier run left its outputs removed or half-written, and its lock entry as it
+            # was; the worker restored it from the run-cache under that same entry.
+            if entry == self.home["stages"].get(stage) and all(_same_file(copy.folder / path, path)
+                                                               for path in outputs):
+                continue
+            for path in outputs:
+                _copy_into(copy.folder / path, path, stage)
+            self.home["stages"][stage] = entry
+            self.brought = True
         self.built.update(done)
         copy.holds.update(done)
 
@@ -461,6 +468,11 @@ def _outputs(entry: dict, lock: Path) -> list[Path]:
             raise OutputError(f"an output outside the project: {out['path']}", file=str(lock))
         paths.append(path)
     return paths
+
+
+def _same_file(source: Path, target: Path) -> bool:
+    """Both regular files with the same bytes (folders are always copied)."""
+    return source.is_file() and target.is_file() and filecmp.cmp(source, target, shallow=False)
 
 
 def _copy_into(source: Path, target: Path, stage: str) -> None:

@@ -97,18 +97,22 @@ def declare_artifacts(cfg: PipelineConfig, verdicts: list[Verdict] | None = None
 
 class Verdict(NamedTuple):
     build: str
-    verdict: str  # passed (unverified), failed, not validated, not built
+    verdict: str  # passed (unverified), failed, not validated, not built, out of date
     paths: layout.BuildPaths
     delivered_sha256: str | None  # of the delivered model, when there is one
 
 
-def build_verdicts(cfg: PipelineConfig) -> list[Verdict]:
+def build_verdicts(cfg: PipelineConfig, stale: set[str] = frozenset(),
+                   graph: dict[str, set[str]] | None = None) -> list[Verdict]:
     """The verdict of every build and auto-selection: passed (unverified), failed, not
-    validated (the report is of an earlier model), not built."""
+    validated (the report is of an earlier model), not built, or out of date: a stage it
+    depends on is in `stale` (`dvc status` after a failed run, with `graph`, DVC's), so what
+    it delivered, if anything, is an earlier run's."""
     builds = [(b.model, b.variant) for b in cfg.build.values()] + [(m, layout.AUTO_VARIANT) for m in cfg.autoselect]
     verdicts = []
     for model, variant in builds:
         paths = layout.BuildPaths.of(model, variant)
+        last = f"autoselect@{model}" if variant == layout.AUTO_VARIANT else f"validate@{model}-{variant}"
         delivered = None
         try:
             delivered = sha256_path(paths.delivered)
@@ -116,12 +120,16 @@ def build_verdicts(cfg: PipelineConfig) -> list[Verdict]:
         except (OSError, ValueError, InputError):
             verdict = "not built"  # the stages failed before delivering (or validating) it
         else:
-            if report.get("model_sha256") != delivered:  # a report of an earlier run's model
+            if ancestors(graph or {}, last) & stale:
+                verdict = "out of date"
+            elif report.get("model_sha256") != delivered:  # a report of an earlier run's model
                 verdict = "not validated"
-            elif report.get("passed"):
-                verdict = "passed" + (" (unverified)" if report.get("verification") == "unverified" else "")
+            elif not report.get("passed"):
+                verdict = "failed"  # its gates (the stage exits 4 after writing the report)
+            elif last in stale:  # a passing report, but the stage did not finish
+                verdict = "out of date"
             else:
-                verdict = "failed"
+                verdict = "passed" + (" (unverified)" if report.get("verification") == "unverified" else "")
         verdicts.append(Verdict(f"{model}-{variant}", verdict, paths, delivered))
     return verdicts
 

@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterator, TypeVar
 from pipeline import __version__
 from pipeline.build import Build
 from pipeline.config import TrackingConfig, check_tracking_uri, plain
-from pipeline.errors import InputError, OutputError, PipelineError, TrackingError
+from pipeline.errors import ConfigError, InputError, OutputError, PipelineError, TrackingError
 from pipeline.io import atomic_path, write_text
 from pipeline.registry import CANDIDATE, SHA256_TAG, Registration, variant_alias
 from pipeline.registry import TAG as TAG_PREFIX
@@ -506,7 +506,7 @@ def promote(tracking: TrackingConfig, name: str, version: int, alias: str) -> st
         return full_alias
 
     if not re.fullmatch(r"[A-Za-z0-9_-]+", alias):
-        raise InputError(f"alias '{alias}' may use letters, digits, _ and - only", key="--alias")
+        raise ConfigError(f"alias '{alias}' may use letters, digits, _ and - only", file="command line", key="--alias")
     return _call(tracking, move, doing=f"promoting {name} version {version}")
 
 

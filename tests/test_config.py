@@ -46,6 +46,8 @@ def _write_params(tmp_path: Path, old: str, new: str) -> Path:
     ("old", "new", "key", "words"),
     [
         ("    team: vision\n", "    team: vision\n    colour: blue\n", "model.digits.colour", "unknown key"),
+        ("    team: vision\n", "    team: ../evil\n", "model.digits.team", "team names use"),
+        ("    team: vision\n", "    team: \"a\\nb; rm -rf x\"\n", "model.digits.team", "team names use"),
         ("num_samples: 200", "num_samples: many", "model.digits.representative.num_samples", "many"),
         ("      allow_custom_ops: false", "      allow_custom_ops: perhaps", "allow_custom_ops", "perhaps"),
         ("    recipe: static_wi8_ai8", "    recipe: static_wi9", "quantization.static_wi8_ai8.recipe", "unknown recipe"),
@@ -101,6 +103,10 @@ def test_compose_error_names_the_conf_file(tmp_path):
         config.compose(conf_dir=conf)
     assert caught.value.key == "model.digits.colour"
     assert caught.value.file.endswith("conf/model/digits.yaml")
+    # Choosing the model on the command line, as the README runs one model, sets no key of it.
+    with pytest.raises(ConfigError) as caught:
+        config.compose(["model=[digits]"], conf_dir=conf)
+    assert caught.value.file.endswith("conf/model/digits.yaml") and caught.value.key == "model.digits.colour"
 
 
 def test_cli_exits_non_zero_with_one_line_and_writes_nothing(project):
@@ -314,3 +320,6 @@ def test_a_bad_value_from_the_command_line_is_not_blamed_on_a_conf_file():
     with pytest.raises(ConfigError) as caught:
         config.compose(["validation.classifier.max_accuracy_drop=nan"], conf_dir=ROOT / "conf")
     assert caught.value.file == "command line" and caught.value.key == "validation.classifier.max_accuracy_drop"
+    with pytest.raises(ConfigError) as caught:
+        config.compose(["model=[digits"], conf_dir=ROOT / "conf")  # not Hydra's grammar
+    assert caught.value.file == "command line"

@@ -131,6 +131,22 @@ def test_one_edited_model_goes_in_pieces_over_both_workers(parallel_run):
     assert (_delivered(project), _lock(project)) == before
 
 
+def test_outputs_a_failed_run_removed_come_home_though_their_lock_entry_is_unchanged(parallel_run):
+    """A stage that failed removed its outputs and kept its lock entry; once its input is fixed,
+    a worker restores it from the run-cache under that same entry. Its outputs must still come
+    home, for the other worker's units and for the project (before: exit 7, every time). Runs
+    where the test before it left the project: built with OVERRIDES alone."""
+    project, _ = parallel_run
+    before = _delivered(project), _lock(project)
+    for name in ("convert.json", "float.tflite", "reference.npz"):
+        (project / "artifacts" / "digits_keras" / name).unlink()  # as `convert@digits_keras` failing leaves them
+    result = run_cli("litert-pipeline", "run", "-j", "2", *OVERRIDES, "--name", "after-a-failure", cwd=project, env=ENV)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (project / "artifacts" / "digits_keras" / "float.tflite").is_file()
+    assert run_cli("dvc", "status", "--json", cwd=project).stdout.strip() == "{}"
+    assert (_delivered(project), _lock(project)) == before
+
+
 def test_a_change_rebuilds_its_downstream_stages_in_the_workers(parallel_run):
     """`dvc status` names only the stages whose own inputs changed; the workers must rebuild
     what follows them too, and the project end clean."""

@@ -58,3 +58,11 @@ def test_the_summary_gives_verdicts_only_for_the_bytes_they_were_made_on(tmp_pat
     assert "not validated" in lines["-".join(stale)]
     assert "not built" in lines["-".join(missing)]
     assert repro.summary(cfg, repro.build_verdicts(cfg)).splitlines()[0] == f"builds: 1 of {len(builds) + len(cfg.autoselect)} passed"
+    # After a failed run: a stage it depends on (`dvc status` names that one only) is out of
+    # date, so the passing report and the model are an earlier run's.
+    name = "-".join(passed)
+    graph = {f"validate@{name}": {f"metadata@{name}"}, f"metadata@{name}": {f"convert@{passed[0]}"}}
+    verdicts = repro.build_verdicts(cfg, {f"convert@{passed[0]}"}, graph)
+    lines = {line.split()[0]: line for line in repro.summary(cfg, verdicts).splitlines()[1:] if line.startswith("  ")}
+    assert "out of date" in lines[name] and "not validated" in lines["-".join(stale)]
+    assert repro.summary(cfg, verdicts).splitlines()[0].startswith("builds: 0 of ")

@@ -220,3 +220,37 @@ def test_a_dvc_sweep_checks_its_members_before_building_or_opening_a_run(tiny_pr
 def test_a_usage_error_is_one_line(tiny_project, arguments):
     line = fails_cleanly(tiny_project, ["litert-pipeline", *arguments], EXIT_CONFIG, "litert-pipeline")
     assert line.endswith("(see --help)") and "usage:" not in line
+
+
+@pytest.mark.parametrize("made", ["fifo", "folder"])
+def test_a_dataset_that_is_no_regular_file_is_one_line_before_dvc_hashes_it(tmp_path, monkeypatch, made):
+    """`dvc status` hashes every dependency: a FIFO would block it (and the run) forever."""
+    import os
+
+    from pipeline import config
+    from pipeline.errors import InputError
+    from tests.conftest import ROOT
+
+    cfg = config.load(ROOT / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    name, dataset = next(iter(cfg.dataset.items()))
+    (tmp_path / dataset.path).parent.mkdir(parents=True)
+    if made == "fifo":
+        os.mkfifo(tmp_path / dataset.path)
+    else:
+        (tmp_path / dataset.path).mkdir()
+    with pytest.raises(InputError, match="FIFO" if made == "fifo" else "is a folder") as caught:
+        config.check_inputs_exist(cfg, conf_dir=ROOT / "conf")
+    assert caught.value.key == f"dataset.{name}.path"
+
+
+def test_a_loop_of_symbolic_links_is_one_line(tmp_path, monkeypatch):
+    from pipeline import config
+    from pipeline.errors import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "loop1").symlink_to("loop2")
+    (tmp_path / "loop2").symlink_to("loop1")
+    with pytest.raises(ConfigError, match="cannot be resolved") as caught:
+        config._check_inside_project("loop1", "conf/model/x.yaml", "model.x.source.path")
+    assert caught.value.key == "model.x.source.path"
