@@ -100,6 +100,9 @@ def test_failures_exit_with_the_most_severe_code_and_spare_the_other_builds(proj
                         ("convert@broken", EXIT_INPUT), ("validate@tiny-dynamic_wi8_afp32", EXIT_GATE)):
         assert f"{stage} (exit {code})" in summary, summary
     assert "Traceback" not in first.stderr
+    verdicts = {line.split()[0]: line for line in first.stdout.splitlines() if line.startswith("  ")}
+    assert " failed " in verdicts["tiny-dynamic_wi8_afp32"] and " passed " in verdicts["tiny-float"]
+    assert "not built" in verdicts["broken-float"] and "not built" in verdicts["wide-float"]
     # --keep-going: the same model's float build was delivered and validated despite its siblings.
     assert (project / "models/tiny/float.tflite").is_file()
     assert json.loads((project / "reports/tiny/float/validation.json").read_text())["passed"]
@@ -119,6 +122,20 @@ def test_failures_exit_with_the_most_severe_code_and_spare_the_other_builds(proj
     (project / "conf" / "model" / "tiny.yaml").write_text(MODEL.format(name="tiny", path="tiny/saved_model"))
     last = _run(project)
     assert last.returncode == EXIT_OK, last.stderr[-2000:]
+
+    # The source breaks: its conversion fails, and what the model delivered before is an
+    # earlier run's, not a pass of this one.
+    protobuf = project / "tiny" / "saved_model" / "saved_model.pb"
+    intact = protobuf.read_bytes()
+    protobuf.write_bytes(intact[:100])
+    try:
+        broken = _run(project)
+    finally:
+        protobuf.write_bytes(intact)
+    assert broken.returncode == EXIT_INPUT, broken.stderr[-2000:]
+    verdicts = {line.split()[0]: line for line in broken.stdout.splitlines() if line.startswith("  ")}
+    assert "out of date" in verdicts["tiny-float"] and (project / "models/tiny/float.tflite").is_file()
+    assert "builds: 1 of 2 passed" in broken.stdout  # wide's float build, up to date
 
 
 def test_an_unreachable_required_tracking_server_exits_5(project):
