@@ -188,8 +188,8 @@ def test_an_interrupted_run_ends_its_parent_run_killed_and_exits_130(project):
     process = subprocess.Popen(["litert-pipeline", "run", *overrides, "--name", "interrupted"], cwd=project,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, **ENV, "PATH": f"{os.path.dirname(os.sys.executable)}:{os.environ['PATH']}"})
-    for line in process.stdout:  # DVC prints each stage it starts
-        if line.startswith("Running stage"):
+    for line in process.stdout:  # DVC prints each stage it starts (the datasets' before the parent run opens)
+        if "Running stage 'convert@" in line:
             break
     time.sleep(1)
     process.send_signal(signal.SIGTERM)
