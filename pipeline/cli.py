@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 from pipeline import __version__
@@ -261,6 +262,11 @@ def main(argv: list[str] | None = None) -> None:
         else:
             from pipeline.repro import project_lock
 
+            # Started in the background by a shell, SIGINT is ignored here and in every process
+            # started from here: DVC and its stages would then not stop when this run is stopped
+            # (Ctrl-C or SIGTERM: they get a SIGINT).
+            if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
             with project_lock(args.command):
                 code = args.func(args)
         sys.stdout.flush()  # here, not at exit, so a closed pipe is handled below

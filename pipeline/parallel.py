@@ -47,7 +47,6 @@ import logging
 import os
 import queue
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -73,7 +72,7 @@ NOT_COPIED = (".git", ".dvc", ".litert", ".venv", "mlruns", "mlflow.db", "dvc_pl
 # (P7's timeline, bench/first_run.md). Counted as one stage, it started last and left one
 # worker alone with it at the end of a one-model run.
 STAGE_COST = {"autoselect": 5}
-STOP_SECONDS = 30  # a worker's DVC gets this long to stop its stage after a SIGINT
+STOP_SECONDS = repro.STOP_SECONDS  # a worker's DVC gets this long to stop its stage after a SIGINT
 LOCK = Path("dvc.lock")
 LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when PyYAML has it
 DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
@@ -591,7 +590,7 @@ class _Threads(_Engine):
 
     def stop(self) -> None:
         for process in self.running.values():  # interrupted: each DVC stops its stage, then is killed
-            _stop(process)
+            repro.stop_group(process, STOP_SECONDS)
 
     def close(self) -> None:
         pass
@@ -701,7 +700,7 @@ def run_worker(worker: str, stages: list[str], env: dict[str, str], index: int, 
             _copy_output(process, handle, index)
             return process.wait() != 0
         except KeyboardInterrupt:
-            _stop(process)
+            repro.stop_group(process, STOP_SECONDS)
             raise
 
 
@@ -727,20 +726,3 @@ def _print_above_bar(line: str) -> None:
     sys.stdout.flush()
 
 
-def _stop(process: subprocess.Popen) -> None:
-    """SIGINT to DVC and its stage (DVC stops the stage and leaves no lock behind), then kill both."""
-    if process.poll() is not None:
-        return
-    _signal_group(process, signal.SIGINT)
-    try:
-        process.wait(timeout=STOP_SECONDS)
-    except subprocess.TimeoutExpired:
-        _signal_group(process, signal.SIGKILL)
-        process.wait()
-
-
-def _signal_group(process: subprocess.Popen, signum: int) -> None:
-    try:
-        os.killpg(process.pid, signum)
-    except ProcessLookupError:
-        pass

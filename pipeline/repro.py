@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator, NamedTuple
@@ -314,7 +315,11 @@ class _Dvc:
                                               daemon=True)
             self.forwarder.start()
         try:
-            self.process = subprocess.Popen([str(BIN / "dvc"), *args], env={**dvc_env(), **(env or {})}, stderr=stderr)
+            # A process group of its own: stopping it reaches the stage too (DVC alone ignores a
+            # SIGINT while a stage runs, and a scheduler's SIGTERM reaches this process only); a
+            # terminal's Ctrl-C reaches this process, which stops it.
+            self.process = subprocess.Popen([str(BIN / "dvc"), *args], env={**dvc_env(), **(env or {})}, stderr=stderr,
+                                            start_new_session=True)
         finally:
             if stderr is not None:
                 os.close(stderr)  # the child holds its own copy: the forwarder ends when the child does
@@ -331,14 +336,32 @@ class _Dvc:
             raise
 
     def stop(self) -> None:
-        """DVC gets a SIGINT (it stops the stage it runs and leaves no lock behind), then, after
-        30 s, a SIGKILL."""
-        self.process.send_signal(signal.SIGINT)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_group(self.process)
+
+
+STOP_SECONDS = 30  # DVC gets this long to stop its stage after a SIGINT
+
+
+def stop_group(process: subprocess.Popen, seconds: float = STOP_SECONDS) -> None:
+    """SIGINT to a process started in a session of its own and to what it runs, once a second:
+    DVC ignores it while a stage runs, and the stage stops; with `--keep-going` DVC then starts
+    the next one, and between stages the SIGINT stops DVC itself (it leaves no lock behind).
+    After `seconds`, SIGKILL to all of them."""
+    deadline = time.monotonic() + seconds
+    while process.poll() is None and time.monotonic() < deadline:
+        _signal_group(process, signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=1)
+    if process.poll() is None:
+        _signal_group(process, signal.SIGKILL)
+        process.wait()
+
+
+def _signal_group(process: subprocess.Popen, signum: int) -> None:
+    try:
+        os.killpg(process.pid, signum)
+    except ProcessLookupError:
+        pass
 
 
 class Reproduction:
