@@ -47,21 +47,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not stale and repro.nothing_to_upload():
             print("Nothing to build: every stage is up to date (dvc status); no MLflow run opened.")
             return _summarized(cfg, EXIT_OK)
-    with repro.sigterm_interrupts():
-        shared = parallel.start_shared(stale, args.verbose) if workers else None
-        try:
-            invocation = repro.start(cfg, args.name, kind="repro")
-        except KeyboardInterrupt:
-            if shared:
-                shared.stop()
-            raise
-        except BaseException:
-            if shared:  # whole outputs, not half-written ones; then the error
-                shared.wait()
-            raise
+    invocation = repro.start(cfg, args.name, kind="repro")
     with repro.ended_on_failure(invocation):
         if workers:
-            code = parallel.reproduce(cfg, args.jobs, stale=stale, shared=shared, verbose=args.verbose)
+            code = parallel.reproduce(cfg, args.jobs, stale=stale, verbose=args.verbose)
         else:
             code = repro.reproduce(*args.targets, verbose=args.verbose)
         repro.upload_deferred(invocation)

@@ -1014,7 +1014,7 @@ def check_inputs_exist(cfg: PipelineConfig, conf_dir: str | Path = CONF_DIR) -> 
             raise InputError(problem, file=_relative(file) if file else PARAMS_FILE, key=key)
 
 
-MAX_FILES_CHECKED = 100_000
+MAX_FOLDERS_WALKED = 100_000
 
 
 def _special_file(path: Path) -> str | None:
@@ -1025,8 +1025,8 @@ def _special_file(path: Path) -> str | None:
     if not path.is_dir():
         return f"'{path}' is not a regular file or folder (a FIFO, socket or device)"
     for count, (folder, _, names) in enumerate(os.walk(path)):
-        if count > MAX_FILES_CHECKED:
-            return f"'{path}' holds more than {MAX_FILES_CHECKED} folders"
+        if count > MAX_FOLDERS_WALKED:
+            return f"'{path}' holds more than {MAX_FOLDERS_WALKED} folders"
         for name in names:
             if not os.path.isfile(os.path.join(folder, name)):
                 return f"'{Path(folder, name)}' (in '{path}') is not a regular file (a FIFO, socket, device or broken link)"

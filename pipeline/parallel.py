@@ -15,10 +15,10 @@ share one cache (and its run-cache). So:
    one unit at a time: the ready unit with the longest chain of stages after it first (an
    auto-selection counts as several), on an idle worker (the one holding most of what it
    needs). Before a worker runs a unit, the outputs of the units it depends on that another
-   worker built are copied into it, and its
-   dvc.lock is cut to the entries of the unit's stages and of those they depend on: DVC finds
-   them up to date there, and rewrites a small lock after each stage instead of the whole
-   project's (4 s of YAML a stage at 5 models, measured, and growing with every model).
+   worker built are copied into it, and its dvc.lock is cut to the entries of the unit's
+   stages and of those they depend on: DVC finds them up to date there, and rewrites a small
+   lock after each stage instead of the whole project's (4 s of YAML a stage at 5 models,
+   measured, and growing with every model).
 4. As each unit ends, the dvc.lock entries of its stages and the outputs they name come home:
    dvc.lock holds what a serial run writes (one process per stage, so the converter's
    per-call leak stays bounded as before), the delivered bytes are the same (the builds are
@@ -203,28 +203,17 @@ def _check_engine(cfg: PipelineConfig) -> None:
         _check_ray(cfg.parallel.ray_address)
 
 
-def start_shared(stale: set[str], verbose: bool = False) -> repro.Reproduction | None:
-    """The stages every model shares (datasets, example models) that are out of date, built
-    by DVC from now on, here: every worker reads them. They log nothing to MLflow, so `run`
-    starts them before it imports MLflow and opens the parent run (2.5-4.7 s, 1.8 s more for a
-    new store's tables), which a cold run's first stages no longer wait for."""
-    shared = sorted(stage for stage in stale if stage.partition("@")[0] in SHARED_STAGES)
-    return repro.Reproduction(*shared, verbose=verbose) if shared else None
-
-
-def reproduce(cfg: PipelineConfig, jobs: int, *, stale: set[str] | None = None,
-              shared: repro.Reproduction | None = None, verbose: bool = False) -> int:
+def reproduce(cfg: PipelineConfig, jobs: int, *, stale: set[str] | None = None, verbose: bool = False) -> int:
     """`dvc repro --keep-going` of the whole project with up to `jobs` units at once; the
-    exit code as `repro.reproduce` gives it. `stale`: what `dvc status` said, if just asked;
-    `shared`: the shared stages, if the caller started them (`start_shared`)."""
+    exit code as `repro.reproduce` gives it. `stale`: what `dvc status` said, if just asked."""
     check_parallel_safe(cfg)
     stale = repro.stale_stages() if stale is None else stale
     if not stale:  # `dvc status` found every stage up to date: `dvc repro` would do nothing
         print("Nothing to build: every stage is up to date (dvc status).")
         return EXIT_OK
-    shared = shared or start_shared(stale, verbose)
-    if shared:
-        code = shared.wait()
+    shared = sorted(stage for stage in stale if stage.partition("@")[0] in SHARED_STAGES)
+    if shared:  # the datasets and example models every worker reads
+        code = repro.reproduce(*shared, verbose=verbose)
         if code != EXIT_OK:
             return code
         # No second `dvc status`: what follows a stage just built is out of date by the graph

@@ -172,32 +172,23 @@ def start(cfg: PipelineConfig, name: str, kind: str) -> Invocation:
 
 
 @contextlib.contextmanager
-def sigterm_interrupts() -> Iterator[None]:
-    """In the block, a SIGTERM (from a scheduler) interrupts as Ctrl-C does: the stages DVC
-    runs are stopped, not orphaned."""
+def ended_on_failure(invocation: Invocation) -> Iterator[None]:
+    """The parent run never stays RUNNING: FAILED if the block raises, KILLED if it is
+    interrupted (Ctrl-C, or SIGTERM from a scheduler)."""
     def interrupt(signum, frame):  # noqa: ARG001
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         yield
+    except KeyboardInterrupt:
+        tracking.end_parent_run(invocation.cfg.tracking, invocation.parent, succeeded=False, status="KILLED")
+        raise
+    except BaseException:
+        tracking.end_parent_run(invocation.cfg.tracking, invocation.parent, succeeded=False)
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-@contextlib.contextmanager
-def ended_on_failure(invocation: Invocation) -> Iterator[None]:
-    """The parent run never stays RUNNING: FAILED if the block raises, KILLED if it is
-    interrupted (Ctrl-C, or SIGTERM from a scheduler)."""
-    with sigterm_interrupts():
-        try:
-            yield
-        except KeyboardInterrupt:
-            tracking.end_parent_run(invocation.cfg.tracking, invocation.parent, succeeded=False, status="KILLED")
-            raise
-        except BaseException:
-            tracking.end_parent_run(invocation.cfg.tracking, invocation.parent, succeeded=False)
-            raise
 
 
 def upload_deferred(invocation: Invocation) -> None:
@@ -299,44 +290,30 @@ def _forward_without_native_logs(source: int, target: BinaryIO) -> None:
 
 def dvc(*args: str, env: dict[str, str] | None = None, verbose: bool = True) -> int:
     """Run a DVC command with its output shown (without native libraries' log lines unless
-    `verbose`); return its exit code."""
-    return _Dvc(args, env, verbose).wait()
-
-
-class _Dvc:
-    """A DVC command started now, its output shown (without native libraries' log lines unless
-    `verbose`)."""
-
-    def __init__(self, args: tuple[str, ...], env: dict[str, str] | None, verbose: bool):
-        stderr, self.forwarder = None, None
-        if not verbose and hasattr(sys.stderr, "buffer"):
-            read_end, stderr = os.pipe()
-            self.forwarder = threading.Thread(target=_forward_without_native_logs, args=(read_end, sys.stderr.buffer),
-                                              daemon=True)
-            self.forwarder.start()
-        try:
-            # A process group of its own: stopping it reaches the stage too (DVC alone ignores a
-            # SIGINT while a stage runs, and a scheduler's SIGTERM reaches this process only); a
-            # terminal's Ctrl-C reaches this process, which stops it.
-            self.process = subprocess.Popen([str(BIN / "dvc"), *args], env={**dvc_env(), **(env or {})}, stderr=stderr,
-                                            start_new_session=True)
-        finally:
-            if stderr is not None:
-                os.close(stderr)  # the child holds its own copy: the forwarder ends when the child does
-
-    def wait(self) -> int:
-        """Its exit code. Interrupted, DVC is stopped (`stop`) and the interrupt goes on."""
-        try:
-            code = self.process.wait()
-            if self.forwarder is not None:  # bounded: a background process DVC started may hold the pipe open
-                self.forwarder.join(timeout=10)
-            return code
-        except KeyboardInterrupt:
-            self.stop()
-            raise
-
-    def stop(self) -> None:
-        stop_group(self.process)
+    `verbose`); return its exit code. Interrupted, DVC and its stage are stopped (`stop_group`)."""
+    stderr, forwarder = None, None
+    if not verbose and hasattr(sys.stderr, "buffer"):
+        read_end, stderr = os.pipe()
+        forwarder = threading.Thread(target=_forward_without_native_logs, args=(read_end, sys.stderr.buffer),
+                                     daemon=True)
+        forwarder.start()
+    try:
+        # A process group of its own: stopping it reaches the stage too (DVC alone ignores a
+        # SIGINT while a stage runs, and a scheduler's SIGTERM reaches this process only); a
+        # terminal's Ctrl-C reaches this process, which stops it.
+        process = subprocess.Popen([str(BIN / "dvc"), *args], env={**dvc_env(), **(env or {})}, stderr=stderr,
+                                   start_new_session=True)
+    finally:
+        if stderr is not None:
+            os.close(stderr)  # the child holds its own copy: the forwarder ends when the child does
+    try:
+        code = process.wait()
+        if forwarder is not None:  # bounded: a background process DVC started may hold the pipe open
+            forwarder.join(timeout=10)
+        return code
+    except KeyboardInterrupt:
+        stop_group(process)
+        raise
 
 
 STOP_SECONDS = 30  # DVC gets this long to stop its stage after a SIGINT
@@ -364,41 +341,19 @@ def _signal_group(process: subprocess.Popen, signum: int) -> None:
         pass
 
 
-class Reproduction:
-    """`dvc repro --keep-going` of `targets` (all stages if none), started now: one failing
-    build does not stop the others. The stages defer their tracking records (`upload_deferred`
-    logs them afterwards). `single_item`: the targets alone, their upstream stages not checked."""
-
-    def __init__(self, *targets: str, single_item: bool = False, verbose: bool = False):
-        self.outcomes = tempfile.TemporaryDirectory(prefix="litert-outcomes-")
-        flags = ["--keep-going", *(["--single-item"] if single_item else [])]
-        try:
-            self.dvc = _Dvc(("repro", *flags, *targets), {OUTCOMES_ENV: self.outcomes.name, tracking.DEFER_ENV: "1"},
-                            verbose)
-        except BaseException:
-            self.outcomes.cleanup()
-            raise
-
-    def wait(self) -> int:
-        """0, or the most severe documented exit code among the stages that failed (never
-        DVC's own 255)."""
-        try:
-            code = self.dvc.wait()
-            outcomes = [read_outcome(path) for path in sorted(Path(self.outcomes.name).glob("*.json"))]
-        finally:
-            self.outcomes.cleanup()
-        if code == 0:
-            return EXIT_OK
-        return summarize_failures(outcomes, failed_stages())
-
-    def stop(self) -> None:
-        self.dvc.stop()
-        self.outcomes.cleanup()
-
-
 def reproduce(*targets: str, single_item: bool = False, verbose: bool = False) -> int:
-    """`Reproduction(...).wait()`: `dvc repro --keep-going`, its exit code as `Reproduction.wait` gives it."""
-    return Reproduction(*targets, single_item=single_item, verbose=verbose).wait()
+    """`dvc repro --keep-going`: one failing build does not stop the others. Returns 0, or the
+    most severe documented exit code among the stages that failed (never DVC's own 255).
+    The stages defer their tracking records: `upload_deferred` logs them afterwards.
+    `single_item`: the targets alone, their upstream stages not checked."""
+    flags = ["--keep-going", *(["--single-item"] if single_item else [])]
+    with tempfile.TemporaryDirectory(prefix="litert-outcomes-") as folder:
+        code = dvc("repro", *flags, *targets, env={OUTCOMES_ENV: folder, tracking.DEFER_ENV: "1"},
+                   verbose=verbose)
+        outcomes = [read_outcome(path) for path in sorted(Path(folder).glob("*.json"))]
+    if code == 0:
+        return EXIT_OK
+    return summarize_failures(outcomes, failed_stages())
 
 
 def summarize_failures(outcomes: list[dict], failed: set[str]) -> int:
