@@ -996,16 +996,17 @@ def check_inputs_exist(cfg: PipelineConfig, conf_dir: str | Path = CONF_DIR) -> 
     """Every source and dataset file the config names exists, or a bundled example will make it:
     checked before `dvc repro`, which would otherwise refuse the stage with a missing dependency."""
     made = [Path(EXAMPLES.name, name) for name in cfg.examples]
-    named = [(model.source.path, f"model.{name}.source.path") for name, model in cfg.model.items()]
-    named += [(dataset.path, f"dataset.{name}.path") for name, dataset in cfg.dataset.items()]
-    named += [(tensor.labels, f"model.{name}.metadata.{role}[{index}].labels") for name, model in cfg.model.items()
-              for role in ("inputs", "outputs") for index, tensor in enumerate(getattr(model.metadata, role))
-              if tensor.labels]
-    for path, key in named:
+    # (path, key, whether a folder is right: a source may be a SavedModel)
+    named = [(model.source.path, f"model.{name}.source.path", True) for name, model in cfg.model.items()]
+    named += [(dataset.path, f"dataset.{name}.path", False) for name, dataset in cfg.dataset.items()]
+    named += [(tensor.labels, f"model.{name}.metadata.{role}[{index}].labels", False)
+              for name, model in cfg.model.items() for role in ("inputs", "outputs")
+              for index, tensor in enumerate(getattr(model.metadata, role)) if tensor.labels]
+    for path, key, folder_allowed in named:
         problem = None
         if not Path(path).exists() and not any(folder in Path(path).parents for folder in made):
             problem = f"'{path}' does not exist"
-        elif Path(path).is_dir() and not key.endswith(".source.path"):  # a SavedModel is a folder
+        elif Path(path).is_dir() and not folder_allowed:
             problem = f"'{path}' is a folder: name a file"
         elif Path(path).exists():
             problem = _special_file(Path(path))

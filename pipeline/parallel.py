@@ -72,7 +72,6 @@ NOT_COPIED = (".git", ".dvc", ".litert", ".venv", "mlruns", "mlflow.db", "dvc_pl
 # (P7's timeline, bench/first_run.md). Counted as one stage, it started last and left one
 # worker alone with it at the end of a one-model run.
 STAGE_COST = {"autoselect": 5}
-STOP_SECONDS = repro.STOP_SECONDS  # a worker's DVC gets this long to stop its stage after a SIGINT
 LOCK = Path("dvc.lock")
 LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when PyYAML has it
 DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
@@ -297,7 +296,7 @@ class _Uploads:
         self.done.set()
         self.ready.set()
         if self.thread.is_alive():  # interrupted, not for long: the thread dies with the process
-            self.thread.join(None if kind is None else STOP_SECONDS)
+            self.thread.join(None if kind is None else repro.STOP_SECONDS)
         self.settings.close()
 
     def _upload(self) -> None:
@@ -579,7 +578,7 @@ class _Threads(_Engine):
 
     def stop(self) -> None:
         for process in self.running.values():  # interrupted: each DVC stops its stage, then is killed
-            repro.stop_group(process, STOP_SECONDS)
+            repro.stop_group(process)
 
     def close(self) -> None:
         pass
@@ -622,7 +621,7 @@ class _Ray(_Engine):
         for ref in self.running:  # the task gets a KeyboardInterrupt: its DVC stops its stage
             self.ray.cancel(ref)
         if self.running:
-            self.ray.wait(list(self.running), num_returns=len(self.running), timeout=STOP_SECONDS + 5)
+            self.ray.wait(list(self.running), num_returns=len(self.running), timeout=repro.STOP_SECONDS + 5)
 
     def close(self) -> None:
         self.ray.shutdown()
@@ -689,7 +688,7 @@ def run_worker(worker: str, stages: list[str], env: dict[str, str], index: int, 
             _copy_output(process, handle, index)
             return process.wait() != 0
         except KeyboardInterrupt:
-            repro.stop_group(process, STOP_SECONDS)
+            repro.stop_group(process)
             raise
 
 
