@@ -7,7 +7,9 @@ nothing built) and, through DVC's own code: the stages and their params dependen
 DVC takes to load params.yaml (`dvc.utils.serialize.load_yaml`, what `dvc status` calls for
 every stage with params) and to look up one key in it (`dpath.get`, once per listed key). Their
 product is what a no-op `dvc status` spends on params alone; it grows with N × N (more stages,
-each reading a larger file). Medians of 5.
+each reading a larger file). And what one stage process of ours pays to load its config: the
+whole file (`config.load()`), and the part a build stage loads (`config.load(build=...)`),
+which a build pays about four times. Medians of 5.
 """
 
 from __future__ import annotations
@@ -58,17 +60,29 @@ def measure(count: int, work: Path) -> dict:
     data = load_yaml(str(params), fs=LocalFileSystem())
     parse = median_seconds(lambda: load_yaml(str(params), fs=LocalFileSystem()))
     lookup = median_seconds(lambda: dpath.get(data, "quantization.float", separator="."))
-    return {"models": count, "stages": len(stages), "params_reads": len(reads), "keys_looked_up": keys,
+    from pipeline import config
+
+    here = os.getcwd()
+    os.chdir(project)  # paths in the config are the project's
+    try:
+        whole = median_seconds(lambda: config.load(params))
+        part = median_seconds(lambda: config.load(params, build="gen_0-float"))
+    finally:
+        os.chdir(here)
+    return {"stage_whole_ms": round(whole * 1000), "stage_part_ms": round(part * 1000),
+            "models": count, "stages": len(stages), "params_reads": len(reads), "keys_looked_up": keys,
             "params_kb": round(params.stat().st_size / 1024, 1), "parse_ms": round(parse * 1000, 1),
             "lookup_ms": round(lookup * 1000, 2), "params_seconds": round(len(reads) * parse + keys * lookup, 1)}
 
 
 def to_markdown(rows: list[dict]) -> str:
     lines = ["| models | stages | params.yaml reads | keys looked up | params.yaml (KB) | one read (ms) | "
-             "one lookup (ms) | params per no-op (s) |", "|---|---|---|---|---|---|---|---|"]
+             "one lookup (ms) | params per no-op (s) | stage config, whole (ms) | stage config, its part (ms) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         lines.append(f"| {row['models']} | {row['stages']} | {row['params_reads']} | {row['keys_looked_up']} | "
-                     f"{row['params_kb']} | {row['parse_ms']} | {row['lookup_ms']} | {row['params_seconds']} |")
+                     f"{row['params_kb']} | {row['parse_ms']} | {row['lookup_ms']} | {row['params_seconds']} | "
+                     f"{row.get('stage_whole_ms', '')} | {row.get('stage_part_ms', '')} |")
     return "\n".join(lines) + "\n"
 
 

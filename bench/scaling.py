@@ -1,6 +1,7 @@
 """P8: how a run's cost grows with the number of models, with `-j 1` and `-j 2`.
 
     .venv/bin/python bench/scaling.py --models 5 20 50      # results: bench/scaling.{json,md}
+    .venv/bin/python bench/scaling.py --models 20 --jobs 2 --commits a2bfa7e HEAD  # two commits
 
 A generated project per N: N conf files (`gen_<i>`, each the digits_h5 example under its own
 name: its own conversion, calibration and builds) × 4 variants (float, dynamic int8, static
@@ -30,9 +31,10 @@ ENV = {"GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@localhost", "GIT_C
        "GIT_COMMITTER_EMAIL": "bench@localhost", "MLFLOW_TRACKING_URI": ""}
 
 
-def generated_project(folder: Path, count: int) -> Path:
-    """A clone of this checkout with `count` generated models, committed."""
+def generated_project(folder: Path, count: int, commit: str = "HEAD") -> Path:
+    """A clone of this checkout at `commit` with `count` generated models, committed."""
     subprocess.run(["git", "clone", "-q", str(ROOT), str(folder)], check=True)
+    subprocess.run(["git", "checkout", "-q", commit], cwd=folder, check=True)
     template = (ROOT / "conf" / "model" / "digits_h5.yaml").read_text()
     head = template.split("\n# `autoselect")[0].split("\nautoselect:")[0].split("\nbuild:")[0]
     for index in range(count):
@@ -60,25 +62,26 @@ def timed_run(project: Path, count: int, jobs: int) -> dict:
     return {"seconds": round(seconds, 1), "exit_code": done.returncode, "summary": summary}
 
 
-def measure(count: int, jobs: int, work: Path) -> dict:
-    project = generated_project(work / f"n{count}-j{jobs}", count)
+def measure(count: int, jobs: int, work: Path, commit: str = "HEAD") -> dict:
+    project = generated_project(work / f"n{count}-j{jobs}-{commit}", count, commit)
     cold = timed_run(project, count, jobs)
     noop = timed_run(project, count, jobs)
     shutil.rmtree(project)
     builds = count * len(VARIANTS)
-    return {"models": count, "jobs": jobs, "builds": builds, "cold_seconds": cold["seconds"],
+    return {"commit": commit, "models": count, "jobs": jobs, "builds": builds, "cold_seconds": cold["seconds"],
             "per_build_seconds": round(cold["seconds"] / builds, 2), "noop_seconds": noop["seconds"],
             "exit_code": cold["exit_code"], "summary": cold["summary"]}
 
 
 def to_markdown(rows: list[dict]) -> str:
-    lines = ["| models | builds | jobs | cold (s) | per build (s) | no-op (s) | speed-up vs -j 1 | result |",
-             "|---|---|---|---|---|---|---|---|"]
-    serial = {row["models"]: row["cold_seconds"] for row in rows if row["jobs"] == 1}
+    lines = ["| commit | models | builds | jobs | cold (s) | per build (s) | no-op (s) | speed-up vs -j 1 | result |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    serial = {(row["commit"], row["models"]): row["cold_seconds"] for row in rows if row["jobs"] == 1}
     for row in rows:
-        speedup = serial.get(row["models"], 0) / row["cold_seconds"] if row["cold_seconds"] else 0
-        lines.append(f"| {row['models']} | {row['builds']} | {row['jobs']} | {row['cold_seconds']} | "
-                     f"{row['per_build_seconds']} | {row['noop_seconds']} | {speedup:.2f}× | {row['summary']} |")
+        one_job = serial.get((row["commit"], row["models"]))
+        speedup = f"{one_job / row['cold_seconds']:.2f}×" if one_job and row["cold_seconds"] else "–"
+        lines.append(f"| {row['commit']} | {row['models']} | {row['builds']} | {row['jobs']} | {row['cold_seconds']} | "
+                     f"{row['per_build_seconds']} | {row['noop_seconds']} | {speedup} | {row['summary']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -86,20 +89,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", type=int, nargs="+", default=[5, 20, 50])
     parser.add_argument("--jobs", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--commits", nargs="+", default=["HEAD"], help="revisions of this checkout to compare")
     args = parser.parse_args()
+    commits = [subprocess.run(["git", "rev-parse", "--short", commit], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip() for commit in args.commits]
     rows = []
     with tempfile.TemporaryDirectory(prefix="litert-scaling-") as folder:
         for count in args.models:
             for jobs in args.jobs:
-                rows.append(measure(count, jobs, Path(folder)))
-                print(json.dumps(rows[-1]), flush=True)
+                for commit in commits:
+                    rows.append(measure(count, jobs, Path(folder), commit))
+                    print(json.dumps(rows[-1]), flush=True)
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     result = {"commit": commit, "rows": rows, "peak_process_mb": round(peak_mb), "cores": os.cpu_count()}
     (ROOT / "bench" / "scaling.json").write_text(json.dumps(result, indent=2) + "\n")
-    text = (f"Commit {commit}, side by side in one run:\n\n" + to_markdown(rows)
+    text = (f"Checkout at {commit}, {time.strftime('%Y-%m-%d')}, side by side in one run:\n\n" + to_markdown(rows)
             + f"\nLargest single process: {round(peak_mb)} MB; {os.cpu_count()} cores.\n")
-    (ROOT / "bench" / "scaling.md").write_text(text)
+    earlier = (ROOT / "bench" / "scaling.md").read_text() if (ROOT / "bench" / "scaling.md").is_file() else ""
+    (ROOT / "bench" / "scaling.md").write_text(text + ("\n" + earlier if earlier else ""))  # newest first
     print(text)
 
 

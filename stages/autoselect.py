@@ -17,7 +17,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("model", help="a key of `autoselect` in params.yaml")
     name = parser.parse_args().model
-    cfg = config.load()
+    cfg = config.load(model=name)
     if name not in cfg.autoselect:
         raise ConfigError("no auto-selection budget for this model", file=config.PARAMS_FILE, key=f"autoselect.{name}")
     model, auto = resolve_model(cfg, name), cfg.autoselect[name]

@@ -13,8 +13,9 @@ from pipeline.io import atomic_path, write_bytes, write_json
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("model")
-    cfg = config.load()
-    model = resolve_model(cfg, parser.parse_args().model)
+    name = parser.parse_args().model
+    cfg = config.load(model=name)
+    model = resolve_model(cfg, name)
     config.check_source_exists(model.config, model.name)
     converted, evaluation = steps.convert_model(model)
     files = model.paths

@@ -13,7 +13,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("dataset", help="a key of `dataset` or `generator` in params.yaml")
     name = parser.parse_args().dataset
-    cfg = config.load()
+    cfg = config.load(data=name)
     if name not in cfg.dataset and name not in cfg.generator:
         raise ConfigError(f"unknown dataset '{name}'", file=config.PARAMS_FILE, key=f"dataset.{name}")
     group = "dataset" if name in cfg.dataset else "generator"

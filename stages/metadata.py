@@ -13,8 +13,9 @@ from pipeline.io import read_bytes, write_bytes
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("build", help="<model>-<variant>, a key of `build` in params.yaml")
-    cfg = config.load()
-    build = resolve_build(cfg, parser.parse_args().build)
+    name = parser.parse_args().build
+    cfg = config.load(build=name)
+    build = resolve_build(cfg, name)
     record = deliver.provenance(
         build,
         convert_info=json.loads(read_bytes(build.model.paths.convert_report)),

@@ -13,8 +13,9 @@ from pipeline.io import write_bytes, write_json
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("build", help="<model>-<variant>, a key of `build` in params.yaml")
-    cfg = config.load()
-    build = resolve_build(cfg, parser.parse_args().build)
+    name = parser.parse_args().build
+    cfg = config.load(build=name)
+    build = resolve_build(cfg, name)
     result = steps.quantize_build(build)
     out = write_bytes(build.paths.quantized, result.model)
     write_json(build.paths.quantize_report, result.info)

@@ -12,7 +12,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("model")
     name = parser.parse_args().model
-    cfg = config.load()
+    cfg = config.load(model=name)
     if name not in cfg.model:
         raise ConfigError(f"unknown model '{name}'", file=config.PARAMS_FILE, key=f"model.{name}")
     variants = [build.variant for build in cfg.build.values() if build.model == name]

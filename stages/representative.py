@@ -12,7 +12,8 @@ from pipeline.io import atomic_path, read_bytes, write_json
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("model")
-    model = resolve_model(config.load(), parser.parse_args().model)
+    name = parser.parse_args().model
+    model = resolve_model(config.load(model=name), name)
     float_model = read_bytes(model.paths.float_model)
     pool = steps.representative_pool(model)
     steps.check_disjoint(model, pool, float_model)

@@ -15,7 +15,7 @@ def main() -> None:
     parser.add_argument("build", help="<model>-<variant>, a key of `build` in params.yaml")
     parser.add_argument("--model", help="the .tflite to validate (default: the delivered models/<m>/<variant>.tflite)")
     args = parser.parse_args()
-    cfg = config.load()
+    cfg = config.load(build=args.build)
     build = resolve_build(cfg, args.build)
     model_path = args.model or build.paths.delivered
     result = validate.validate_build(build, model_path)

@@ -84,6 +84,44 @@ def test_malformed_yaml_is_one_line(tmp_path):
     assert "malformed YAML: line 4, column 1: duplicate key 'model'" in str(caught.value)
 
 
+def test_a_stage_loads_its_own_part_of_the_config_as_the_whole_file_has_it(tmp_path):
+    """A stage validates only its model (or build, or dataset): its start-up must not grow
+    with the number of models, and what it gets is exactly what the whole file says."""
+    import yaml
+
+    params = all_examples_params()
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    whole = config.load(path)
+    assert len(whole.model) > 2
+    for name, model in whole.model.items():
+        part = config.load(path, model=name)
+        assert part.model == {name: model}
+        assert part.build == {key: build for key, build in whole.build.items() if build.model == name}
+        assert part.autoselect == {key: auto for key, auto in whole.autoselect.items() if key == name}
+        assert set(part.dataset) | set(part.generator) == {model.representative.dataset, model.evaluation.dataset}
+        assert (part.quantization, part.validation, part.runtime, part.tracking) == (
+            whole.quantization, whole.validation, whole.runtime, whole.tracking)
+        for key in part.build:
+            assert config.load(path, build=key) == part
+    data = next(iter(whole.generator))
+    part = config.load(path, data=data)
+    assert part.generator == {data: whole.generator[data]} and not part.dataset and not part.model
+
+    # Another model's broken entry is that model's stages' problem; a broken entry of its own,
+    # or a name the file lacks, gets the whole file validated (and the same error as before).
+    other, mine = sorted(whole.model)[:2]
+    params["model"][other]["colour"] = "blue"
+    path.write_text(yaml.safe_dump(params))
+    assert list(config.load(path, model=mine).model) == [mine]
+    for kwargs in ({"model": other}, {"model": "nope"}, {"build": "nope-float"}, {}):
+        with pytest.raises(ConfigError, match=f"model.{other}.colour"):
+            config.load(path, **kwargs)
+    path.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="a mapping of keys to values is expected"):
+        config.load(path, model=mine)
+
+
 def test_missing_source_path_names_the_key(tmp_path):
     path = _write_params(tmp_path, "path: examples/digits_savedmodel/saved_model", "path: nowhere/model")
     cfg = config.load(path)
