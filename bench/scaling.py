@@ -59,7 +59,11 @@ def timed_run(project: Path, count: int, jobs: int) -> dict:
     done = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     summary = next((line for line in done.stdout.splitlines() if line.startswith("builds:")), done.stderr[-300:])
-    return {"seconds": round(seconds, 1), "exit_code": done.returncode, "summary": summary}
+    result = {"seconds": round(seconds, 1), "exit_code": done.returncode, "summary": summary}
+    if done.returncode:  # what failed, kept: a rerun may not fail again
+        output = (done.stdout + done.stderr).splitlines()
+        result["errors"] = [line for line in output if "error" in line.lower() or "Traceback" in line][-20:]
+    return result
 
 
 def measure(count: int, jobs: int, work: Path, commit: str = "HEAD") -> dict:
@@ -70,7 +74,8 @@ def measure(count: int, jobs: int, work: Path, commit: str = "HEAD") -> dict:
     builds = count * len(VARIANTS)
     return {"commit": commit, "models": count, "jobs": jobs, "builds": builds, "cold_seconds": cold["seconds"],
             "per_build_seconds": round(cold["seconds"] / builds, 2), "noop_seconds": noop["seconds"],
-            "exit_code": cold["exit_code"], "summary": cold["summary"]}
+            "exit_code": cold["exit_code"], "summary": cold["summary"],
+            **({"errors": cold["errors"]} if "errors" in cold else {})}
 
 
 def to_markdown(rows: list[dict]) -> str:

@@ -7,10 +7,15 @@ import json
 import os
 import signal
 import sys
+from typing import TYPE_CHECKING
 
 from pipeline import __version__
 from pipeline.entry import exit_on_error
 from pipeline.errors import EXIT_CONFIG, EXIT_OK, InputError, naming_file
+
+if TYPE_CHECKING:  # the commands import what they need when they run (MLflow and TensorFlow are slow)
+    from pipeline.config import PipelineConfig
+    from pipeline.repro import Reproduced
 
 
 def _jobs(text: str) -> int:
@@ -46,32 +51,32 @@ def cmd_run(args: argparse.Namespace) -> int:
         stale = repro.stale_stages()
         if not stale and repro.nothing_to_upload():
             print("Nothing to build: every stage is up to date (dvc status); no MLflow run opened.")
-            return _summarized(cfg, EXIT_OK)
+            return _summarized(cfg, repro.Reproduced(EXIT_OK))
     invocation = repro.start(cfg, args.name, kind="repro")
     with repro.ended_on_failure(invocation):
         if workers:
-            code = parallel.reproduce(cfg, args.jobs, stale=stale, verbose=args.verbose)
+            result = parallel.reproduce(cfg, args.jobs, stale=stale, verbose=args.verbose)
         else:
-            code = repro.reproduce(*args.targets, verbose=args.verbose)
+            result = repro.reproduce(*args.targets, verbose=args.verbose)
         repro.upload_deferred(invocation)
-    repro.finish(invocation, succeeded=code == 0)  # with the report stages' comparison of the variants
-    return _summarized(cfg, code)
+    repro.finish(invocation, succeeded=result.code == 0)  # with the report stages' comparison of the variants
+    return _summarized(cfg, result)
 
 
-def _summarized(cfg, code: int) -> int:
-    """dvc.yaml's artifacts with this run's verdicts, and the summary; returns `code`."""
+def _summarized(cfg: PipelineConfig, result: Reproduced) -> int:
+    """dvc.yaml's artifacts with this run's verdicts, and the summary; returns the run's code."""
     from pipeline import repro
 
     stale, graph = set(), {}
-    if code != EXIT_OK:  # what failed left its builds' earlier models in place: not this run's verdicts
+    if result.code != EXIT_OK:  # what failed left its builds' earlier models in place: not this run's verdicts
         try:
-            stale, graph = repro.stale_stages(), repro.stage_graph()
+            stale, graph = result.state()
         except InputError as exc:
             print(f"warning: {exc.one_line()}: the verdicts below may be of earlier runs", file=sys.stderr)
     verdicts = repro.build_verdicts(cfg, stale, graph)  # hashes every delivered model: once
     repro.declare_artifacts(cfg, verdicts)
     print(repro.summary(cfg, verdicts))
-    return code
+    return result.code
 
 
 def cmd_report(args: argparse.Namespace) -> int:

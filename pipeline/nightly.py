@@ -1,8 +1,9 @@
 """`litert-pipeline nightly`: rebuild, register, compare with production, summarize, fail loudly.
 
 1. compose conf/ and `dvc repro --keep-going` under one parent run (every build gets a verdict);
-2. classify each build from its validation report, `dvc status` and `dvc dag`: passed, failed
-   (a gate), not built (a stage its validate stage depends on did not finish);
+2. classify each build as `run`'s summary does (`repro.build_verdicts`: its validation report,
+   delivered model, `dvc status` and `dvc dag`): passed, failed (a gate), not built (a stage
+   its validate stage depends on did not finish, or its report is of another model);
 3. register every passing build (a no-op for bytes already registered);
 4. compare each passing variant with its `production-<variant>` version, by `nightly.tolerance`;
 5. write `<nightly.summary>.md` and `.json`, log them to the parent run, exit non-zero on any
@@ -42,31 +43,27 @@ class BuildResult:
     note: str = ""
 
 
-def classify(build: Build, stale: set[str], upstream: set[str]) -> BuildResult:
-    """A build's verdict from its validation report and the stages DVC left out of date.
-
-    `upstream`: every stage its validate stage depends on. `dvc status` names a stage that
-    failed, not the stages after it, so a failure anywhere upstream leaves a stale report.
-    """
+def classify(build: Build, verdict: repro.Verdict) -> BuildResult:
+    """A build's nightly result from its verdict, by the rules `run`'s summary uses
+    (`repro.build_verdicts`: its validation report, its delivered model, and the stages
+    `dvc status` left out of date among those its validation depends on)."""
     result = BuildResult(build.name, build.model.name, build.variant_name, "not_built", build.model.registry_name)
-    unfinished = sorted(stale & upstream)
-    report_file = build.paths.validation_json
-    if unfinished:
-        result.note = f"did not build: {', '.join(unfinished)} not up to date after dvc repro"
-        return result
-    if not report_file.exists():
-        result.note = f"did not build: no {report_file}"
-        return result
-    report = json.loads(report_file.read_text(encoding="utf-8"))
-    result.metrics = report["metrics"]
-    if not report["passed"]:
-        result.status, result.failures = "failed", report["failures"]
-    elif f"validate@{build.name}" in stale:
-        result.note = f"did not build: validate@{build.name} did not finish (see the dvc repro output)"
-    elif report.get("verification", "verified") != "verified":
-        result.status, result.note = "unverified", "delivered unverified: it cannot run on this host (select TF ops)"
+    report = verdict.report or {}
+    if verdict.verdict == "out of date":
+        result.note = f"did not build: {', '.join(verdict.unfinished)} not up to date after dvc repro"
+    elif verdict.verdict == "not built":
+        missing = build.paths.delivered if verdict.delivered_sha256 is None else build.paths.validation_json
+        result.note = f"did not build: no {missing}"
+    elif verdict.verdict == "not validated":
+        result.note = f"not validated: {build.paths.validation_json} is of another model than {build.paths.delivered}"
     else:
-        result.status = "passed"
+        result.metrics = report.get("metrics") or {}
+        if verdict.verdict == "failed":
+            result.status, result.failures = "failed", list(report.get("failures") or [])
+        elif verdict.verdict == "passed (unverified)":
+            result.status, result.note = "unverified", "delivered unverified: it cannot run on this host (select TF ops)"
+        else:
+            result.status = "passed"
     return result
 
 
@@ -165,13 +162,14 @@ def run_nightly(overrides: list[str], conf_dir: str, name: str, *, verbose: bool
 def _nightly(invocation: repro.Invocation, name: str, started: str, verbose: bool, jobs: int) -> int:
     cfg = invocation.cfg
     # --keep-going: every build gets a verdict, not just the first failure
-    repro_code = (parallel.reproduce(cfg, jobs, verbose=verbose) if parallel.through_workers(cfg, jobs)
+    reproduced = (parallel.reproduce(cfg, jobs, verbose=verbose) if parallel.through_workers(cfg, jobs)
                   else repro.reproduce(verbose=verbose))
     repro.upload_deferred(invocation)  # the stages' runs and registrations, before comparing with production
-    stale, graph = repro.stale_stages(), repro.stage_graph()
-    repro.declare_artifacts(cfg, repro.build_verdicts(cfg, stale, graph))  # dvc.yaml's artifacts: this run's verdicts
+    verdicts = repro.build_verdicts(cfg, *reproduced.state())
+    repro.declare_artifacts(cfg, verdicts)  # dvc.yaml's artifacts: this run's verdicts
     builds = {name: resolve_build(cfg, name) for name in cfg.build}
-    results = [classify(build, stale, repro.ancestors(graph, f"validate@{name}")) for name, build in builds.items()]
+    by_build = {verdict.build: verdict for verdict in verdicts}
+    results = [classify(build, by_build[name]) for name, build in builds.items()]
     if cfg.tracking.enabled:
         for result in results:
             if result.status in ("passed", "unverified"):
@@ -181,12 +179,12 @@ def _nightly(invocation: repro.Invocation, name: str, started: str, verbose: boo
         else:  # tracking.required is false and MLflow was unreachable: registrations were queued
             for result in (r for r in results if r.status == "passed"):
                 result.note = "not compared: MLflow was unreachable (run `litert-pipeline sync` later)"
-    code = exit_code(results, repro_code)
+    code = exit_code(results, reproduced.code)
     summary = {
         "name": name,
         "started": started,
         "exit_code": code,
-        "stages_exit_code": repro_code,
+        "stages_exit_code": reproduced.code,
         "git_commit": tracking.git_commit(),
         "parent_run_id": invocation.parent,
         "tracking_uri": tracking.shown(tracking.tracking_uri(cfg.tracking)) if cfg.tracking.enabled else None,

@@ -59,7 +59,7 @@ from tqdm import tqdm
 
 from pipeline import layout, repro, tracking
 from pipeline.config import ParallelEngine, PipelineConfig, TrackingConfig, is_ray_address
-from pipeline.errors import EXIT_OK, OUTCOMES_ENV, BusyError, ConfigError, OutputError, first_line, most_severe
+from pipeline.errors import EXIT_OK, OUTCOMES_ENV, BusyError, ConfigError, OutputError, first_line
 from pipeline.io import atomic_path, write_text
 
 # Stages of no one model: they run first, here, so no two workers build them.
@@ -202,19 +202,20 @@ def _check_engine(cfg: PipelineConfig) -> None:
         _check_ray(cfg.parallel.ray_address)
 
 
-def reproduce(cfg: PipelineConfig, jobs: int, *, stale: set[str] | None = None, verbose: bool = False) -> int:
-    """`dvc repro --keep-going` of the whole project with up to `jobs` units at once; the
-    exit code as `repro.reproduce` gives it. `stale`: what `dvc status` said, if just asked."""
+def reproduce(cfg: PipelineConfig, jobs: int, *, stale: set[str] | None = None,
+              verbose: bool = False) -> repro.Reproduced:
+    """`dvc repro --keep-going` of the whole project with up to `jobs` units at once; it ends
+    as `repro.reproduce` does. `stale`: what `dvc status` said, if just asked."""
     check_parallel_safe(cfg)
     stale = repro.stale_stages() if stale is None else stale
     if not stale:  # `dvc status` found every stage up to date: `dvc repro` would do nothing
         print("Nothing to build: every stage is up to date (dvc status).")
-        return EXIT_OK
+        return repro.Reproduced(EXIT_OK)
     shared = sorted(stage for stage in stale if stage.partition("@")[0] in SHARED_STAGES)
     if shared:  # the datasets and example models every worker reads
-        code = repro.reproduce(*shared, verbose=verbose)
-        if code != EXIT_OK:
-            return code
+        built = repro.reproduce(*shared, verbose=verbose)
+        if built.code != EXIT_OK:
+            return built
         # No second `dvc status`: what follows a stage just built is out of date by the graph
         # (if its outputs came out the same, the worker's DVC finds the stages up to date).
     graph = repro.stage_graph()
@@ -260,11 +261,11 @@ def reproduce(cfg: PipelineConfig, jobs: int, *, stale: set[str] | None = None, 
     # `track` stage runs here, as a serial `dvc repro` ends.
     # `--single-item`: every other stage was just built or found up to date; DVC checking them
     # all again took 8 s at 5 models × 4 variants (measured).
-    code = EXIT_OK if left else repro.reproduce(repro.TRACK_STAGE, single_item=True, verbose=verbose)
     if not left:
-        return code
+        return repro.reproduce(repro.TRACK_STAGE, single_item=True, verbose=verbose)
     failed = {stage for stage in left if not (repro.ancestors(graph, stage) & left)}
-    return most_severe([code, repro.summarize_failures(failures, failed)])
+    # What is out of date here is asked when needed: the workers' `dvc status` was of their copies.
+    return repro.Reproduced(repro.summarize_failures(failures, failed), graph=graph)
 
 
 class _Uploads:

@@ -101,6 +101,8 @@ class Verdict(NamedTuple):
     verdict: str  # passed (unverified), failed, not validated, not built, out of date
     paths: layout.BuildPaths
     delivered_sha256: str | None  # of the delivered model, when there is one
+    report: dict | None = None  # its validation report, when there is one
+    unfinished: tuple[str, ...] = ()  # out of date: the stages up to its validation DVC left so
 
 
 def build_verdicts(cfg: PipelineConfig, stale: set[str] = frozenset(),
@@ -114,24 +116,27 @@ def build_verdicts(cfg: PipelineConfig, stale: set[str] = frozenset(),
     for model, variant in builds:
         paths = layout.BuildPaths.of(model, variant)
         last = f"autoselect@{model}" if variant == layout.AUTO_VARIANT else f"validate@{model}-{variant}"
-        delivered = None
+        delivered, report = None, None
+        unfinished = ancestors(graph or {}, last) & stale
         try:
             delivered = sha256_path(paths.delivered)
             report = json.loads(paths.validation_json.read_text(encoding="utf-8"))
+            if not isinstance(report, dict):
+                raise ValueError("not a report")
         except (OSError, ValueError, InputError):
             verdict = "not built"  # the stages failed before delivering (or validating) it
         else:
-            if ancestors(graph or {}, last) & stale:
+            if unfinished:
                 verdict = "out of date"
             elif report.get("model_sha256") != delivered:  # a report of an earlier run's model
                 verdict = "not validated"
             elif not report.get("passed"):
                 verdict = "failed"  # its gates (the stage exits 4 after writing the report)
             elif last in stale:  # a passing report, but the stage did not finish
-                verdict = "out of date"
+                verdict, unfinished = "out of date", {last}
             else:
                 verdict = "passed" + (" (unverified)" if report.get("verification") == "unverified" else "")
-        verdicts.append(Verdict(f"{model}-{variant}", verdict, paths, delivered))
+        verdicts.append(Verdict(f"{model}-{variant}", verdict, paths, delivered, report, tuple(sorted(unfinished))))
     return verdicts
 
 
@@ -245,9 +250,10 @@ def summary(cfg: PipelineConfig, verdicts: list[Verdict]) -> str:
     """What a run leaves, for a person: each build's verdict, size and file, where the reports
     and the MLflow UI are."""
     rows = []
-    for build, verdict, paths, _ in verdicts:
-        size = f"{paths.delivered.stat().st_size / 1024:,.1f} KB" if paths.delivered.is_file() else "-"
-        rows.append(f"  {build:<36} {verdict:<20} {size:>11}  {paths.delivered}")
+    for v in verdicts:
+        delivered = v.paths.delivered
+        size = f"{delivered.stat().st_size / 1024:,.1f} KB" if delivered.is_file() else "-"
+        rows.append(f"  {v.build:<36} {v.verdict:<20} {size:>11}  {delivered}")
     passed = sum(v.verdict.startswith("passed") for v in verdicts)
     uri = tracking.tracking_uri(cfg.tracking) if cfg.tracking.enabled else None
     ui = (f"{BIN / 'mlflow'} ui --backend-store-uri {uri}" if uri and uri.startswith("sqlite:")
@@ -341,19 +347,41 @@ def _signal_group(process: subprocess.Popen, signum: int) -> None:
         pass
 
 
-def reproduce(*targets: str, single_item: bool = False, verbose: bool = False) -> int:
-    """`dvc repro --keep-going`: one failing build does not stop the others. Returns 0, or the
-    most severe documented exit code among the stages that failed (never DVC's own 255).
-    The stages defer their tracking records: `upload_deferred` logs them afterwards.
-    `single_item`: the targets alone, their upstream stages not checked."""
+class Reproduced(NamedTuple):
+    """How a `dvc repro` ended: 0 or the most severe documented exit code of the stages that
+    failed and, after a failure, what `dvc status` and `dvc dag` said (None: not asked). The
+    summary's verdicts reuse them: `dvc status` reads params.yaml once per stage, a minute at
+    50 models (bench/noop.md)."""
+
+    code: int
+    stale: set[str] | None = None
+    graph: dict[str, set[str]] | None = None
+
+    def state(self) -> tuple[set[str], dict[str, set[str]]]:
+        """The stages out of date and the stage graph, as this run left them."""
+        return (stale_stages() if self.stale is None else self.stale,
+                stage_graph() if self.graph is None else self.graph)
+
+
+def reproduce(*targets: str, single_item: bool = False, verbose: bool = False) -> Reproduced:
+    """`dvc repro --keep-going`: one failing build does not stop the others. The exit code is
+    never DVC's own 255. The stages defer their tracking records: `upload_deferred` logs them
+    afterwards. `single_item`: the targets alone, their upstream stages not checked."""
     flags = ["--keep-going", *(["--single-item"] if single_item else [])]
     with tempfile.TemporaryDirectory(prefix="litert-outcomes-") as folder:
         code = dvc("repro", *flags, *targets, env={OUTCOMES_ENV: folder, tracking.DEFER_ENV: "1"},
                    verbose=verbose)
         outcomes = [read_outcome(path) for path in sorted(Path(folder).glob("*.json"))]
     if code == 0:
-        return EXIT_OK
-    return summarize_failures(outcomes, failed_stages())
+        return Reproduced(EXIT_OK)
+    try:
+        stale, graph = stale_stages(), stage_graph()
+    except InputError:  # DVC cannot say: the failures are what the stages recorded
+        return Reproduced(summarize_failures(outcomes, set()))
+    # The stages that failed: out of date although everything they depend on is up to date
+    # (the others were skipped because of them).
+    failed = {stage for stage in stale if not (graph.get(stage, set()) & stale)}
+    return Reproduced(summarize_failures(outcomes, failed), stale, graph)
 
 
 def summarize_failures(outcomes: list[dict], failed: set[str]) -> int:
@@ -369,16 +397,6 @@ def summarize_failures(outcomes: list[dict], failed: set[str]) -> int:
     for stage in unexplained:
         print(f"  {stage} (exit {EXIT_INTERNAL}): DVC could not run it: see DVC's message above", file=sys.stderr)
     return most_severe([o["exit_code"] for o in outcomes] + [EXIT_INTERNAL] * len(unexplained))
-
-
-def failed_stages() -> set[str]:
-    """The stages that failed in the last `dvc repro`: out of date although everything they
-    depend on is up to date (the others were skipped because of them)."""
-    try:
-        stale, graph = stale_stages(), stage_graph()
-    except InputError:
-        return set()
-    return {stage for stage in stale if not (graph.get(stage, set()) & stale)}
 
 
 def read_outcome(path: Path) -> dict:

@@ -219,6 +219,7 @@ def _call(tracking: TrackingConfig, action: Callable[[Any], T], *, doing: str) -
         with http_settings(tracking):
             from mlflow import MlflowClient
 
+            _whole_new_store(uri)
             return action(MlflowClient(tracking_uri=uri))
     except PipelineError:
         raise
@@ -231,6 +232,28 @@ def _call(tracking: TrackingConfig, action: Callable[[Any], T], *, doing: str) -
         # A server that answered and refused (a 4xx, an invalid value) refuses this record only.
         error.refused = _refused(exc)
         raise error from None
+
+
+def _whole_new_store(uri: str) -> None:
+    """A new SQLite store appears with its tables made: MLflow creates them and runs its
+    migrations in the file itself, for seconds, and a first run interrupted meanwhile left a
+    store every later run refused ("table trace_info already exists"). So it is made under
+    another name and linked into place whole (no link if another process was first)."""
+    if not uri.startswith("sqlite:///"):
+        return
+    path = Path(uri[len("sqlite:///"):])
+    if path.exists() or not path.parent.is_dir():  # a missing folder: MLflow's own error names it
+        return
+    from mlflow import MlflowClient
+
+    making = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.new")
+    try:
+        MlflowClient(tracking_uri=f"sqlite:///{making}").search_experiments(max_results=1)
+        os.link(making, path)
+    except FileExistsError:
+        pass
+    finally:
+        making.unlink(missing_ok=True)
 
 
 def _best_effort(tracking: TrackingConfig, action: Callable[[Any], T], *, doing: str) -> T | None:

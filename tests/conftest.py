@@ -24,15 +24,19 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Comple
 
 
 @functools.lru_cache(maxsize=1)
-def all_examples_params() -> dict:
-    """params.yaml as `make run-all` composes it (every bundled example; the committed one holds
-    the default selection only)."""
-    import yaml
-
+def _all_examples_yaml() -> str:
     from pipeline import config
 
     models = re.search(r"^ALL_MODELS := (.+)$", (ROOT / "Makefile").read_text(), re.MULTILINE).group(1).strip()
-    return yaml.safe_load(config.compose([f"model=[{models}]"], conf_dir=ROOT / "conf"))
+    return config.compose([f"model=[{models}]"], conf_dir=ROOT / "conf")
+
+
+def all_examples_params() -> dict:
+    """params.yaml as `make run-all` composes it (every bundled example; the committed one holds
+    the default selection only): a fresh copy on every call, so a test may edit it."""
+    import yaml
+
+    return yaml.safe_load(_all_examples_yaml())
 
 
 # What `make run` leaves beside the sources: a copy must not inherit the run's lock.

@@ -89,7 +89,7 @@ def test_a_stage_loads_its_own_part_of_the_config_as_the_whole_file_has_it(tmp_p
     with the number of models, and what it gets is exactly what the whole file says."""
     import yaml
 
-    params = all_examples_params()
+    params = _params()
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     whole = config.load(path)
@@ -174,9 +174,7 @@ def test_cli_help_does_not_import_tensorflow():
 
 def _params() -> dict:
     """Every bundled example's config (a fresh copy)."""
-    import copy
-
-    return copy.deepcopy(all_examples_params())
+    return all_examples_params()
 
 
 def _refused(params: dict) -> ConfigError:

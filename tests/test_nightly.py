@@ -4,6 +4,7 @@ unchanged twice (exit 0), then a variant that loses accuracy against production 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 
 import pytest
@@ -25,10 +26,19 @@ def cfg(tmp_path, monkeypatch):
     return config.load(ROOT / "params.yaml")
 
 
-def _report(variant: str, passed: bool = True) -> None:
-    write_json(BuildPaths.of("digits", variant).validation_json, {
-        "passed": passed, "failures": [] if passed else ["accuracy_drop 0.1 > 0.02"], "model_sha256": "ab",
-        "metrics": {"accuracy": 0.9, "size_ratio": 0.5}})
+def _report(variant: str, passed: bool = True, validated: bytes = b"model") -> None:
+    """A delivered model (b"model") and a validation report of the model `validated`."""
+    paths = BuildPaths.of("digits", variant)
+    paths.delivered.parent.mkdir(parents=True, exist_ok=True)
+    paths.delivered.write_bytes(b"model")
+    write_json(paths.validation_json, {
+        "passed": passed, "failures": [] if passed else ["accuracy_drop 0.1 > 0.02"],
+        "model_sha256": hashlib.sha256(validated).hexdigest(), "metrics": {"accuracy": 0.9, "size_ratio": 0.5}})
+
+
+def _classified(cfg, stale: set[str]) -> nightly.BuildResult:
+    (verdict,) = [v for v in repro.build_verdicts(cfg, stale, GRAPH) if v.build == "digits-float"]
+    return nightly.classify(resolve_build(cfg, "digits-float"), verdict)
 
 
 # What `dvc dag` says validate@digits-float depends on.
@@ -53,7 +63,7 @@ def test_ancestors_follow_the_graph_to_its_roots():
     (set(), True, "passed", ""),
     (set(), False, "failed", ""),
     ({"validate@digits-float"}, False, "failed", ""),  # failed its gates this run
-    ({"validate@digits-float"}, True, "not_built", "validate@digits-float did not finish"),
+    ({"validate@digits-float"}, True, "not_built", "validate@digits-float not up to date"),
     ({"convert@digits"}, True, "not_built", "convert@digits not up to date"),  # the report is stale
     ({"quantize@digits-float"}, True, "not_built", "quantize@digits-float"),
     ({"prepare@digits_data"}, True, "not_built", "prepare@digits_data"),
@@ -61,14 +71,18 @@ def test_ancestors_follow_the_graph_to_its_roots():
 ])
 def test_each_build_gets_a_verdict_from_its_report_and_the_stages_it_depends_on(cfg, stale, passed, status, note):
     _report("float", passed)
-    result = nightly.classify(resolve_build(cfg, "digits-float"), stale, UPSTREAM)
+    result = _classified(cfg, stale)
     assert (result.status, result.registered_model) == (status, "vision.digits")
     assert note in result.note
-    assert result.failures == ([] if passed else ["accuracy_drop 0.1 > 0.02"])
+    assert result.failures == ([] if passed or status == "not_built" else ["accuracy_drop 0.1 > 0.02"])
 
 
-def test_a_build_without_a_report_did_not_build(cfg):
-    assert nightly.classify(resolve_build(cfg, "digits-float"), set(), UPSTREAM).status == "not_built"
+def test_a_build_without_a_report_or_with_a_report_of_another_model_did_not_build(cfg):
+    result = _classified(cfg, set())
+    assert (result.status, result.note) == ("not_built", f"did not build: no {BuildPaths.of('digits', 'float').delivered}")
+    _report("float", validated=b"an earlier model")
+    result = _classified(cfg, set())
+    assert result.status == "not_built" and result.note.startswith("not validated: ")
 
 
 def test_exit_codes_put_the_most_severe_stage_failure_before_gates_before_regressions(cfg):

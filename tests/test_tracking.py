@@ -169,6 +169,33 @@ def test_a_record_the_server_refuses_or_cannot_read_is_set_aside_and_the_rest_up
     assert {r.data.params.get("quantize.recipe") for r in runs} >= {"first", "last"}
 
 
+def test_a_new_store_interrupted_while_mlflow_makes_it_is_not_left_half_made(store, tmp_path):
+    """Ctrl-C while MLflow creates the embedded store's tables (seconds, on a first run) leaves
+    no store at all: the next run makes it whole (before, every later run was refused)."""
+    import subprocess
+    import sys
+
+    script = """
+import os, signal, threading, time
+from pathlib import Path
+from pipeline import tracking
+from pipeline.config import TrackingConfig
+
+def interrupt_while_making():  # as soon as the store being made has a file
+    while not any(path.stat().st_size for path in Path().glob(".mlflow.db.*.new")):
+        time.sleep(0.005)
+    os.kill(os.getpid(), signal.SIGINT)
+
+threading.Thread(target=interrupt_while_making, daemon=True).start()
+tracking._call(TrackingConfig(experiment="test"), lambda client: client.search_experiments(), doing="testing")
+"""
+    ended = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert ended.returncode != 0 and "KeyboardInterrupt" in ended.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == []
+    assert tracking._call(store, lambda client: len(client.search_experiments()), doing="testing") == 1
+    assert sorted(path.name for path in tmp_path.iterdir()) == [tracking.DEFAULT_DB]
+
+
 def test_a_store_that_cannot_write_is_an_output_error(store, tmp_path):
     """A full disk under the embedded store (a file size limit stands in for it): exit 7, one line."""
     import subprocess

@@ -24,7 +24,7 @@ def edit(path: Path, old: str, new: str) -> None:
     [
         ("model: {digits: [\n", "malformed YAML"),
         (b"\xff\xfemodel: {}\n", "not UTF-8 text"),
-        ("- a list\n- not a mapping\n", "Cannot merge"),
+        ("- a list\n- not a mapping\n", "a mapping of keys to values is expected"),
     ],
     ids=["malformed_yaml", "not_utf8", "not_a_mapping"],
 )
