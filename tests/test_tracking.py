@@ -172,25 +172,32 @@ def test_a_record_the_server_refuses_or_cannot_read_is_set_aside_and_the_rest_up
 def test_a_new_store_interrupted_while_mlflow_makes_it_is_not_left_half_made(store, tmp_path):
     """Ctrl-C while MLflow creates the embedded store's tables (seconds, on a first run) leaves
     no store at all: the next run makes it whole (before, every later run was refused)."""
+    import signal
     import subprocess
     import sys
+    import time
 
     script = """
-import os, signal, threading, time
-from pathlib import Path
 from pipeline import tracking
 from pipeline.config import TrackingConfig
-
-def interrupt_while_making():  # as soon as the store being made has a file
-    while not any(path.stat().st_size for path in Path().glob(".mlflow.db.*.new")):
-        time.sleep(0.005)
-    os.kill(os.getpid(), signal.SIGINT)
-
-threading.Thread(target=interrupt_while_making, daemon=True).start()
 tracking._call(TrackingConfig(experiment="test"), lambda client: client.search_experiments(), doing="testing")
 """
-    ended = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert ended.returncode != 0 and "KeyboardInterrupt" in ended.stderr
+
+    def being_made() -> bool:
+        for path in tmp_path.glob(".mlflow.db.*.new"):
+            try:
+                return path.stat().st_size > 0
+            except FileNotFoundError:  # made and linked meanwhile
+                pass
+        return False
+
+    child = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not being_made() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    child.send_signal(signal.SIGINT)  # as soon as the store being made has a file
+    stderr = child.communicate(timeout=300)[1]
+    assert child.returncode != 0 and "KeyboardInterrupt" in stderr, stderr[-2000:]
     assert sorted(path.name for path in tmp_path.iterdir()) == []
     assert tracking._call(store, lambda client: len(client.search_experiments()), doing="testing") == 1
     assert sorted(path.name for path in tmp_path.iterdir()) == [tracking.DEFAULT_DB]
