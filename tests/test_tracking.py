@@ -183,18 +183,14 @@ from pipeline.config import TrackingConfig
 tracking._call(TrackingConfig(experiment="test"), lambda client: client.search_experiments(), doing="testing")
 """
 
-    def being_made() -> bool:
-        for path in tmp_path.glob(".mlflow.db.*.new"):
-            try:
-                return path.stat().st_size > 0
-            except FileNotFoundError:  # made and linked meanwhile
-                pass
-        return False
+    def being_made() -> bool:  # SQLite opened it: MLflow's tables and migrations take seconds more
+        return any(tmp_path.glob(".mlflow.db.*.new"))
 
     child = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while not being_made() and child.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
+    assert child.poll() is None, "the store was made before the test saw it being made"
     child.send_signal(signal.SIGINT)  # as soon as the store being made has a file
     stderr = child.communicate(timeout=300)[1]
     assert child.returncode != 0 and "KeyboardInterrupt" in stderr, stderr[-2000:]
