@@ -186,7 +186,12 @@ tracking._call(TrackingConfig(experiment="test"), lambda client: client.search_e
     def being_made() -> bool:  # SQLite opened it: MLflow's tables and migrations take seconds more
         return any(tmp_path.glob(".mlflow.db.*.new"))
 
-    child = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    def interruptible() -> None:  # whatever earlier tests (Ray, in this process) did to SIGINT
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    child = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=interruptible)
     deadline = time.monotonic() + 300
     while not being_made() and child.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
