@@ -186,7 +186,7 @@ tracking._call(TrackingConfig(experiment="test"), lambda client: client.search_e
     def being_made() -> bool:  # SQLite opened it: MLflow's tables and migrations take seconds more
         return any(tmp_path.glob(".mlflow.db.*.new"))
 
-    def interruptible() -> None:  # whatever earlier tests (Ray, in this process) did to SIGINT
+    def interruptible() -> None:  # an earlier test in this process can leave SIGINT ignored or blocked
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         signal.signal(signal.SIGINT, signal.SIG_DFL)
 
