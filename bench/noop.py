@@ -1,15 +1,16 @@
-"""Why a no-op run grows with the number of models: DVC reads params.yaml once per stage.
+"""Why a no-op run grows with the number of models: DVC reads a params file once per stage.
 
     .venv/bin/python bench/noop.py --models 1 5 20 50      # results: bench/noop.{json,md}
 
-For each N, a generated project (bench/scaling.py's: N conf files × 4 variants; composed only,
-nothing built) and, through DVC's own code: the stages and their params dependencies; how long
-DVC takes to load params.yaml (`dvc.utils.serialize.load_yaml`, what `dvc status` calls for
-every stage with params) and to look up one key in it (`dpath.get`, once per listed key). Their
-product is what a no-op `dvc status` spends on params alone; it grows with N × N (more stages,
-each reading a larger file). And what one stage process of ours pays to load its config: the
-whole file (`config.load()`), and the part a build stage loads (`config.load(build=...)`),
-which a build pays about four times. Medians of 5.
+For each N, a generated project (bench/scaling.py's: N conf files × 4 variants; composed and
+its `params` stage run, nothing built) and, through DVC's own code: the stages and their params
+dependencies, and what reading them all costs, as a no-op `dvc status` reads them
+(`ParamsDependency.read_params`: load the file, look up each listed key), side by side: from
+each model's part of params.yaml (what the stages name now) and from params.yaml itself (what
+they named before: the same keys, the whole file, which grows with N, read by every stage).
+And what one stage process of ours pays to load its config: the whole file (`config.load()`),
+and the part a build stage loads (`config.load(build=...)`), which a build pays about four
+times. Medians of 5, but the params totals: one pass each.
 """
 
 from __future__ import annotations
@@ -38,51 +39,56 @@ def median_seconds(function, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
+def _seconds(function) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
 def measure(count: int, work: Path) -> dict:
-    import dpath
-    from dvc.dependency.param import ParamsDependency
-    from dvc.fs import LocalFileSystem
+    from dvc.dependency.param import ParamsDependency, read_param_file
     from dvc.repo import Repo
-    from dvc.utils.serialize import load_yaml
 
     import scaling
 
     project = scaling.generated_project(work / f"n{count}", count)
     models = ",".join(f"gen_{index}" for index in range(count))
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    subprocess.run([sys.executable, "-m", "pipeline.cli", "compose", f"model=[{models}]"], cwd=project, env=env, check=True,
-                   capture_output=True)
+    for command in (["-m", "pipeline.cli", "compose", f"model=[{models}]"], ["-m", "stages.params"]):
+        subprocess.run([sys.executable, *command], cwd=project, env=env, check=True, capture_output=True)
     params = project / "params.yaml"
     with Repo(str(project)) as repo:
         stages = list(repo.index.stages)
         reads = [dep for stage in stages for dep in stage.deps if isinstance(dep, ParamsDependency)]
-    keys = sum(len(dep.params) for dep in reads)
-    data = load_yaml(str(params), fs=LocalFileSystem())
-    parse = median_seconds(lambda: load_yaml(str(params), fs=LocalFileSystem()))
-    lookup = median_seconds(lambda: dpath.get(data, "quantization.float", separator="."))
-    from pipeline import config
+        parts = _seconds(lambda: [dep.read_params() for dep in reads])
+        whole = _seconds(lambda: [read_param_file(repo.fs, str(params), list(dep.params), flatten=True)
+                                  for dep in reads])
+    from pipeline import config, layout
 
     here = os.getcwd()
     os.chdir(project)  # paths in the config are the project's
     try:
-        whole = median_seconds(lambda: config.load(params))
-        part = median_seconds(lambda: config.load(params, build="gen_0-float"))
+        stage_whole = median_seconds(lambda: config.load(params))
+        stage_part = median_seconds(lambda: config.load(params, build="gen_0-float"))
     finally:
         os.chdir(here)
-    return {"stage_whole_ms": round(whole * 1000), "stage_part_ms": round(part * 1000),
-            "models": count, "stages": len(stages), "params_reads": len(reads), "keys_looked_up": keys,
-            "params_kb": round(params.stat().st_size / 1024, 1), "parse_ms": round(parse * 1000, 1),
-            "lookup_ms": round(lookup * 1000, 2), "params_seconds": round(len(reads) * parse + keys * lookup, 1)}
+    return {"models": count, "stages": len(stages), "params_reads": len(reads),
+            "keys_looked_up": sum(len(dep.params) for dep in reads),
+            "params_kb": round(params.stat().st_size / 1024, 1),
+            "part_kb": round((project / layout.model_params("gen_0")).stat().st_size / 1024, 1),
+            "from_parts_seconds": round(parts, 2), "from_params_yaml_seconds": round(whole, 2),
+            "stage_whole_ms": round(stage_whole * 1000), "stage_part_ms": round(stage_part * 1000)}
 
 
 def to_markdown(rows: list[dict]) -> str:
-    lines = ["| models | stages | params.yaml reads | keys looked up | params.yaml (KB) | one read (ms) | "
-             "one lookup (ms) | params per no-op (s) | stage config, whole (ms) | stage config, its part (ms) |",
+    lines = ["| models | stages | params reads | keys looked up | params.yaml (KB) | a model's part (KB) | "
+             "reads from the parts (s) | the same from params.yaml (s) | stage config, whole (ms) | "
+             "stage config, its part (ms) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         lines.append(f"| {row['models']} | {row['stages']} | {row['params_reads']} | {row['keys_looked_up']} | "
-                     f"{row['params_kb']} | {row['parse_ms']} | {row['lookup_ms']} | {row['params_seconds']} | "
-                     f"{row.get('stage_whole_ms', '')} | {row.get('stage_part_ms', '')} |")
+                     f"{row['params_kb']} | {row['part_kb']} | {row['from_parts_seconds']} | "
+                     f"{row['from_params_yaml_seconds']} | {row['stage_whole_ms']} | {row['stage_part_ms']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, get_type_hints
 
 from pipeline.errors import ConfigError, InputError, first_line
-from pipeline.layout import AUTO_VARIANT, EXAMPLES, LABELS, RECIPES
+from pipeline.layout import AUTO_VARIANT, EXAMPLES, LABELS, PARAMS_FILE, RECIPES
 
-PARAMS_FILE = "params.yaml"
 CONF_DIR = "conf"
 CONFIG_NAME = "config"
 
@@ -985,11 +984,7 @@ def load(path: str | Path = PARAMS_FILE, *, require_sources: bool = False, model
     hundreds of stage processes).
     """
     file = str(path)
-    raw = parse_yaml(read_yaml_text(path), file)
-    if raw is None:  # an empty file: every default
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"a mapping of keys to values is expected, not a {type(raw).__name__}", file=file)
+    raw = read_params(path)
     if build is not None:
         model = _model_of_build(raw, build)
     if model is not None or data is not None:
@@ -999,6 +994,24 @@ def load(path: str | Path = PARAMS_FILE, *, require_sources: bool = False, model
         for name, model in cfg.model.items():
             check_source_exists(model, name, file=file)
     return cfg
+
+
+def read_params(path: str | Path = PARAMS_FILE) -> dict:
+    """params.yaml as parsed, unvalidated: a mapping (an empty file is every default)."""
+    raw = parse_yaml(read_yaml_text(path), str(path))
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a mapping of keys to values is expected, not a {type(raw).__name__}", file=str(path))
+    return raw
+
+
+def model_parts(path: str | Path = PARAMS_FILE) -> dict[str, dict]:
+    """Each model's part of params.yaml (`stage_part`, what its stages load), once the whole
+    file validates: the files the DVC `params` of the model's stages name (layout.model_params)."""
+    raw = read_params(path)
+    validate(raw, file=str(path))
+    return {name: stage_part(raw, model=name) for name in raw.get("model") or {}}
 
 
 def parse_yaml(text: str, file: str) -> Any:

@@ -14,7 +14,14 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from pipeline.config import PipelineConfig
 
+PARAMS_FILE = "params.yaml"  # composed from conf/ (`litert-pipeline compose`)
 ARTIFACTS = Path("artifacts")  # intermediate outputs (DVC outs)
+# Each model's part of params.yaml (config.stage_part) as JSON, written by the `params` stage:
+# the file the DVC `params` of the model's stages name. DVC loads a params file once for every
+# stage that lists it, and params.yaml grows with every model: at 50 models those loads took
+# 64 s of a no-op `dvc repro` (bench/noop.md). No model is named `_params` (names start with a
+# letter or digit), so no model's artifacts folder is this one.
+MODEL_PARAMS = ARTIFACTS / "_params"
 MODELS = Path("models")  # delivered models
 REPORTS = Path("reports")  # validation reports and auto-selection trails
 COMPARISON = Path("comparison")  # per-model comparison of the variants
@@ -30,6 +37,10 @@ AUTOSELECT_JSON = "autoselect.json"
 
 def example(name: str) -> Path:
     return EXAMPLES / name
+
+
+def model_params(model: str) -> Path:
+    return MODEL_PARAMS / f"{model}.json"
 
 
 def samples(dataset: str) -> Path:
@@ -124,6 +135,8 @@ def stage_files(stage: str, key: str, cfg: "PipelineConfig") -> tuple[set[str], 
 
     if stage == "prepare":
         return set(), strings(example(key))
+    if stage == "params":
+        return strings(PARAMS_FILE), strings(MODEL_PARAMS)
     if stage == "track":
         return strings(REPORTS, COMPARISON), strings(TRACKED)
     if stage in ("data", "generate"):

@@ -3,7 +3,8 @@
 DVC has no parallel `repro` (a repository runs one at a time), but several repositories can
 share one cache (and its run-cache). So:
 
-1. The stages every model shares (datasets, generated data, example models) run here, once.
+1. The stages every model shares (datasets, generated data, example models, the models' parts
+   of params.yaml) run here, once.
 2. What is out of date is cut into units of work: whole models while there are enough to keep
    every worker busy, and the last models (fewer than the workers) into pieces: the stages
    before their builds (conversion, calibration), one piece per build (quantize, metadata,
@@ -63,7 +64,10 @@ from pipeline.errors import EXIT_OK, OUTCOMES_ENV, BusyError, ConfigError, Outpu
 from pipeline.io import atomic_path, write_text
 
 # Stages of no one model: they run first, here, so no two workers build them.
-SHARED_STAGES = ("data", "generate", "prepare")
+SHARED_STAGES = ("data", "generate", "params", "prepare")
+# Writes each model's part of params.yaml: every per-model stage follows it in DVC's graph, but
+# only those whose part changed are out of date.
+PARAMS_STAGE = "params"
 WORKERS = Path(".litert/workers")
 # Not copied into a worker: version control, the caches, MLflow's local store, other workers.
 NOT_COPIED = (".git", ".dvc", ".litert", ".venv", "mlruns", "mlflow.db", "dvc_plots", "__pycache__")
@@ -216,8 +220,10 @@ def reproduce(cfg: PipelineConfig, jobs: int, *, stale: set[str] | None = None,
         built = repro.reproduce(*shared, verbose=verbose)
         if built.code != EXIT_OK:
             return built
-        # No second `dvc status`: what follows a stage just built is out of date by the graph
-        # (if its outputs came out the same, the worker's DVC finds the stages up to date).
+        if PARAMS_STAGE in shared:  # which models' params changed shows once their parts are written
+            stale = repro.stale_stages()
+        # Otherwise no second `dvc status`: what follows a stage just built is out of date by the
+        # graph (if its outputs came out the same, the worker's DVC finds the stages up to date).
     graph = repro.stage_graph()
     units = plan(affected_stages(cfg, graph, stale), graph, cfg, jobs)
     if not _any_independent(units):  # one unit, or each waiting for the one before: nothing to share

@@ -122,6 +122,28 @@ def test_a_stage_loads_its_own_part_of_the_config_as_the_whole_file_has_it(tmp_p
         config.load(path, model=mine)
 
 
+def test_each_models_params_part_is_what_its_stages_load(tmp_path):
+    """The `params` stage writes each model's part of params.yaml, the file DVC reads for that
+    model's stages: it holds the same values at the same keys, so DVC compares what the stage
+    loads; and a file that does not validate as a whole is refused, naming the key."""
+    import json
+
+    import yaml
+
+    params = _params()
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    parts = config.model_parts(path)
+    assert set(parts) == set(params["model"])
+    for name, part in parts.items():
+        assert json.loads(json.dumps(part)) == config.stage_part(params, model=name)
+        assert config.validate(part, file="params.yaml") == config.load(path, model=name)
+    params["model"][name]["colour"] = "blue"
+    path.write_text(yaml.safe_dump(params))
+    with pytest.raises(ConfigError, match=f"model.{name}.colour"):
+        config.model_parts(path)
+
+
 def test_missing_source_path_names_the_key(tmp_path):
     path = _write_params(tmp_path, "path: examples/digits_savedmodel/saved_model", "path: nowhere/model")
     cfg = config.load(path)

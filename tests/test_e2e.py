@@ -192,12 +192,16 @@ def test_editing_one_variant_reruns_only_that_build(repro):
     assert edited != original
     params.write_text(edited)
     try:
+        # The stages' params are in each model's part of params.yaml, which the `params` stage writes.
+        assert set(json.loads(run_cli("dvc", "status", "--json", cwd=repro).stdout)) == {"params"}
+        assert run_cli("dvc", "repro", "params", cwd=repro, env=ENV).returncode == 0
         status = json.loads(run_cli("dvc", "status", "--json", cwd=repro).stdout)
         # Only that build's stages: quantize, and metadata whose provenance names the variant config;
         # and the auto-selection, whose candidates include every variant.
         assert set(status) == {"quantize@digits-static_wi8_ai16", "metadata@digits-static_wi8_ai16", "autoselect@digits"}
     finally:
         params.write_text(original)
+        assert run_cli("dvc", "repro", "params", cwd=repro, env=ENV).returncode == 0
 
 
 def test_dvc_artifacts_get_fetches_a_delivered_model(repro, tmp_path):
