@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import pytest
 
-from pipeline import config
+from pipeline import config, layout
 from pipeline.errors import ConfigError, InputError
 from tests.conftest import ROOT, all_examples_params, run_cli
 
@@ -126,8 +128,6 @@ def test_each_models_params_part_is_what_its_stages_load(tmp_path):
     """The `params` stage writes each model's part of params.yaml, the file DVC reads for that
     model's stages: it holds the same values at the same keys, so DVC compares what the stage
     loads; and a file that does not validate as a whole is refused, naming the key."""
-    import json
-
     import yaml
 
     params = _params()
@@ -136,12 +136,37 @@ def test_each_models_params_part_is_what_its_stages_load(tmp_path):
     parts = config.model_parts(path)
     assert set(parts) == set(params["model"])
     for name, part in parts.items():
+        assert part.pop(config.PART_OF) == hashlib.sha256(path.read_bytes()).hexdigest()
         assert json.loads(json.dumps(part)) == config.stage_part(params, model=name)
         assert config.validate(part, file="params.yaml") == config.load(path, model=name)
     params["model"][name]["colour"] = "blue"
     path.write_text(yaml.safe_dump(params))
     with pytest.raises(ConfigError, match=f"model.{name}.colour"):
         config.model_parts(path)
+
+
+def test_a_stage_loads_its_models_part_only_if_cut_from_this_params_yaml(tmp_path):
+    """A stage reads its model's part (a few KB of JSON) instead of all of params.yaml, but only
+    a part whose recorded SHA-256 is that of params.yaml as it is now."""
+    import yaml
+
+    params = _params()
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    name, build = next((b["model"], key) for key, b in params["build"].items())
+    part = config.model_parts(path)[name]
+    part["model"][name]["team"] = "from-the-part"  # tells which file the stage read
+    (tmp_path / layout.model_params(name)).parent.mkdir(parents=True)
+    (tmp_path / layout.model_params(name)).write_text(json.dumps(part))
+    assert config.load(path, model=name).model[name].team == "from-the-part"
+    assert config.load(path, build=build).model[name].team == "from-the-part"
+    assert config.load(path).model[name].team != "from-the-part"  # the whole file is params.yaml
+    path.write_text(path.read_text() + "\n")  # no longer the params.yaml the part was cut from
+    assert config.load(path, model=name).model[name].team == params["model"][name]["team"]
+    # A key that JSON would turn into a string: the part is for DVC only, the stage reads params.yaml.
+    params["model"][name]["source"]["factory_args"] = {"by_index": {1: "one"}}
+    path.write_text(yaml.safe_dump(params))
+    assert config.PART_OF not in config.model_parts(path)[name]
 
 
 def test_missing_source_path_names_the_key(tmp_path):

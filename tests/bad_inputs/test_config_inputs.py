@@ -110,6 +110,17 @@ def test_yaml_anchors_that_expand_to_billions_of_values_are_refused(tiny_project
     assert "expands to more than 1,000,000 values" in line
 
 
+def test_a_yaml_alias_inside_the_node_it_names_is_refused(tiny_project):
+    """Every reader would recurse without end (it was a RecursionError traceback)."""
+    digits = tiny_project / "conf" / "model" / "digits.yaml"
+    digits.write_text(digits.read_text() + "\nloop: &loop\n  inner: [*loop]\n")
+    line = fails_cleanly(tiny_project, COMPOSE, EXIT_CONFIG, "conf/model/digits.yaml")
+    assert "an alias inside the node it refers to" in line
+    (tiny_project / "params.yaml").write_text("model: &m\n  digits: *m\n")
+    line = fails_cleanly(tiny_project, stage("quantize", "digits-float"), EXIT_CONFIG, "params.yaml")
+    assert "line 1, column 8: an alias inside the node it refers to" in line  # the node the alias names
+
+
 def test_a_nightly_summary_outside_the_project_is_refused(tiny_project):
     set_params(tiny_project, {"nightly.summary": "/tmp/elsewhere/nightly"})
     line = fails_cleanly(tiny_project, stage("data", "digits_calibration"), EXIT_CONFIG, "params.yaml",
