@@ -269,9 +269,8 @@ def reproduce(cfg: PipelineConfig, jobs: int, *, stale: set[str] | None = None,
     # all again took 8 s at 5 models × 4 variants (measured).
     if not left:
         return repro.reproduce(repro.TRACK_STAGE, single_item=True, verbose=verbose)
-    failed = {stage for stage in left if not (repro.ancestors(graph, stage) & left)}
     # What is out of date here is asked when needed: the workers' `dvc status` was of their copies.
-    return repro.Reproduced(repro.summarize_failures(failures, failed), graph=graph)
+    return repro.Reproduced(repro.summarize_failures(failures, repro.first_left(left, graph)), graph=graph)
 
 
 class _Uploads:

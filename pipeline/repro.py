@@ -378,10 +378,15 @@ def reproduce(*targets: str, single_item: bool = False, verbose: bool = False) -
         stale, graph = stale_stages(), stage_graph()
     except InputError:  # DVC cannot say: the failures are what the stages recorded
         return Reproduced(summarize_failures(outcomes, set()))
-    # The stages that failed: out of date although everything they depend on is up to date
-    # (the others were skipped because of them).
-    failed = {stage for stage in stale if not (graph.get(stage, set()) & stale)}
-    return Reproduced(summarize_failures(outcomes, failed), stale, graph)
+    return Reproduced(summarize_failures(outcomes, first_left(stale, graph)), stale, graph)
+
+
+def first_left(left: set[str], graph: dict[str, set[str]]) -> set[str]:
+    """The stages of `left` (not built by a `dvc repro --keep-going`) that failed: those none of
+    whose upstream stages, direct or not, was left too; DVC skipped the others because of them
+    (a skipped stage's parent may be up to date: `dvc status` names the stages whose own inputs
+    changed)."""
+    return {stage for stage in left if not (ancestors(graph, stage) & left)}
 
 
 def summarize_failures(outcomes: list[dict], failed: set[str]) -> int:

@@ -168,6 +168,15 @@ def test_a_stage_that_recorded_nothing_counts_as_internal(capsys):
     assert repro.summarize_failures([], set()) == EXIT_INTERNAL  # DVC failed before any stage
 
 
+def test_the_failed_stages_are_those_left_with_nothing_left_upstream():
+    """`dvc status` names the stages whose own inputs changed: after convert failed, quantize's
+    own input is unchanged (convert wrote nothing), but a validate edited too is stale: DVC
+    skipped it, and it did not fail."""
+    graph = {"quantize@m-float": {"convert@m"}, "validate@m-float": {"quantize@m-float"}, "convert@m": set()}
+    assert repro.first_left({"convert@m", "validate@m-float"}, graph) == {"convert@m"}
+    assert repro.first_left({"validate@m-float"}, graph) == {"validate@m-float"}
+
+
 def test_a_missing_source_fails_before_dvc_naming_the_conf_file(project):
     (project / "conf" / "model" / "ghost.yaml").write_text(MODEL.format(name="ghost", path="nowhere/saved_model"))
     result = run_cli("litert-pipeline", "run", "model=[ghost]", *OVERRIDES[1:], cwd=project, env=ENV)
