@@ -66,11 +66,12 @@ def timed_run(project: Path, count: int, jobs: int) -> dict:
     return result
 
 
-def measure(count: int, jobs: int, work: Path, commit: str = "HEAD") -> dict:
+def measure(count: int, jobs: int, work: Path, commit: str = "HEAD", keep: bool = False) -> dict:
     project = generated_project(work / f"n{count}-j{jobs}-{commit}", count, commit)
     cold = timed_run(project, count, jobs)
     noop = timed_run(project, count, jobs)
-    shutil.rmtree(project)
+    if not keep:
+        shutil.rmtree(project)
     builds = count * len(VARIANTS)
     return {"commit": commit, "models": count, "jobs": jobs, "builds": builds, "cold_seconds": cold["seconds"],
             "per_build_seconds": round(cold["seconds"] / builds, 2), "noop_seconds": noop["seconds"],
@@ -95,6 +96,7 @@ def main() -> None:
     parser.add_argument("--models", type=int, nargs="+", default=[5, 20, 50])
     parser.add_argument("--jobs", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--commits", nargs="+", default=["HEAD"], help="revisions of this checkout to compare")
+    parser.add_argument("--keep", type=Path, help="build the projects in this folder and keep them (to profile one)")
     args = parser.parse_args()
     commits = [subprocess.run(["git", "rev-parse", "--short", commit], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip() for commit in args.commits]
@@ -103,7 +105,7 @@ def main() -> None:
         for count in args.models:
             for jobs in args.jobs:
                 for commit in commits:
-                    rows.append(measure(count, jobs, Path(folder), commit))
+                    rows.append(measure(count, jobs, args.keep or Path(folder), commit, keep=bool(args.keep)))
                     print(json.dumps(rows[-1]), flush=True)
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
