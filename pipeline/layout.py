@@ -19,7 +19,7 @@ ARTIFACTS = Path("artifacts")  # intermediate outputs (DVC outs)
 # Each model's part of params.yaml (config.stage_part) as JSON, written by the `params` stage:
 # the file the DVC `params` of the model's stages name. DVC loads a params file once for every
 # stage that lists it, and params.yaml grows with every model: at 50 models those loads took
-# 64 s of a no-op `dvc repro` (bench/noop.md). No model is named `_params` (names start with a
+# 1-2 minutes of a no-op `dvc repro`, against 2 s from the parts (bench/noop.md). No model is named `_params` (names start with a
 # letter or digit), so no model's artifacts folder is this one.
 MODEL_PARAMS = ARTIFACTS / "_params"
 MODELS = Path("models")  # delivered models
