@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, get_type_hints
 
 from pipeline.errors import ConfigError, InputError, first_line
+from pipeline.io import sha256_path
 from pipeline.layout import AUTO_VARIANT, EXAMPLES, LABELS, PARAMS_FILE, RECIPES, model_params
 
 CONF_DIR = "conf"
@@ -1026,7 +1027,7 @@ def model_parts(path: str | Path = PARAMS_FILE) -> dict[str, dict]:
     which its stages then load instead of the whole file (`_cut_part`)."""
     raw = read_params(path)
     validate(raw, file=str(path))
-    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    digest = sha256_path(path)
     parts = {}
     for name in raw.get("model") or {}:
         part = stage_part(raw, model=name)
@@ -1043,7 +1044,7 @@ def _cut_part(path: str | Path, model: str, build: str | None) -> dict | None:
         if (not NAME.fullmatch(model) or not Path(path).is_file() or not part_file.is_file()
                 or max(Path(path).stat().st_size, part_file.stat().st_size) > MAX_YAML_BYTES):
             return None
-        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        digest = sha256_path(path)
         part = json.loads(part_file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
