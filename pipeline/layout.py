@@ -22,6 +22,8 @@ ARTIFACTS = Path("artifacts")  # intermediate outputs (DVC outs)
 # 1-2 minutes of a no-op `dvc repro`, against 2 s from the parts (bench/noop.md). No model is named `_params` (names start with a
 # letter or digit), so no model's artifacts folder is this one.
 MODEL_PARAMS = ARTIFACTS / "_params"
+# What each stage module runs (pipeline/fingerprint.py): the one code dependency of its stages.
+CODE_FINGERPRINTS = ARTIFACTS / "_code"
 MODELS = Path("models")  # delivered models
 REPORTS = Path("reports")  # validation reports and auto-selection trails
 COMPARISON = Path("comparison")  # per-model comparison of the variants
@@ -41,6 +43,10 @@ def example(name: str) -> Path:
 
 def model_params(model: str) -> Path:
     return MODEL_PARAMS / f"{model}.json"
+
+
+def code_fingerprint(stage_module: str) -> Path:
+    return CODE_FINGERPRINTS / f"{stage_module}.json"
 
 
 def samples(dataset: str) -> Path:
@@ -137,6 +143,8 @@ def stage_files(stage: str, key: str, cfg: "PipelineConfig") -> tuple[set[str], 
         return set(), strings(example(key))
     if stage == "params":
         return strings(PARAMS_FILE), strings(MODEL_PARAMS)
+    if stage == "code":
+        return set(), strings(CODE_FINGERPRINTS)
     if stage == "track":
         return strings(REPORTS, COMPARISON), strings(TRACKED)
     if stage in ("data", "generate"):

@@ -64,7 +64,7 @@ from pipeline.errors import EXIT_OK, OUTCOMES_ENV, BusyError, ConfigError, Outpu
 from pipeline.io import atomic_path, write_text
 
 # Stages of no one model: they run first, here, so no two workers build them.
-SHARED_STAGES = ("data", "generate", "params", "prepare")
+SHARED_STAGES = ("code", "data", "generate", "params", "prepare")
 # Writes each model's part of params.yaml: every per-model stage follows it in DVC's graph, but
 # only those whose part changed are out of date.
 PARAMS_STAGE = "params"

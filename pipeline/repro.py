@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator, NamedTuple
 
-import yaml
 
 from pipeline import config, layout, tracking
 from pipeline.config import PipelineConfig
@@ -73,12 +72,11 @@ def write_composed(overrides: list[str], conf_dir: str, output: str = config.PAR
     """Compose `conf/` into `output`; for the project's params.yaml, also declare the builds'
     delivered models as dvc.yaml's artifacts. Returns the typed config. With `require_model`,
     a selection of no model is refused before anything is written."""
-    text = config.compose(overrides, conf_dir=conf_dir)
-    if require_model and not yaml.safe_load(text).get("model"):
+    text, cfg = config.compose_typed(overrides, conf_dir=conf_dir)
+    if require_model and not cfg.model:
         raise ConfigError("no model selected: nothing would be built (name one, e.g. 'model=[digits]')",
                           file=str(Path(conf_dir, "config.yaml")), key="model")
     write_text(output, text)
-    cfg = config.load(output)
     if output == config.PARAMS_FILE:
         declare_artifacts(cfg)
     return cfg

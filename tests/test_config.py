@@ -4,17 +4,29 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from pipeline import config, layout
+from pipeline.build import resolve_build
 from pipeline.errors import ConfigError, InputError
 from tests.conftest import ROOT, all_examples_params, run_cli
 
 
 def test_committed_params_equal_a_fresh_composition():
     assert (ROOT / "params.yaml").read_text() == config.compose(conf_dir=ROOT / "conf")
+
+
+def test_the_composed_typed_config_is_what_loading_the_composed_text_gives(tmp_path):
+    """`run` takes the typed config from the composition instead of loading params.yaml again:
+    both must be the same, for the default selection and for every bundled example."""
+    models = re.search(r"^ALL_MODELS := (.+)$", (ROOT / "Makefile").read_text(), re.MULTILINE).group(1).strip()
+    for overrides in ([], [f"model=[{models}]"], ["model=[digits_h5]"]):
+        text, typed = config.compose_typed(overrides, conf_dir=ROOT / "conf")
+        (tmp_path / "params.yaml").write_text(text)
+        assert typed == config.load(tmp_path / "params.yaml"), overrides
 
 
 def test_composition_validates_and_resolves_references():
@@ -154,13 +166,22 @@ def test_a_stage_loads_its_models_part_only_if_cut_from_this_params_yaml(tmp_pat
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     name, build = next((b["model"], key) for key, b in params["build"].items())
-    part = config.model_parts(path)[name]
+    written = config.write_model_parts(path)
+    assert sorted(written) == sorted(tmp_path / layout.model_params(key) for key in params["model"])
+    part_file = tmp_path / layout.model_params(name)
+    part = json.loads(part_file.read_text())
     part["model"][name]["team"] = "from-the-part"  # tells which file the stage read
-    (tmp_path / layout.model_params(name)).parent.mkdir(parents=True)
-    (tmp_path / layout.model_params(name)).write_text(json.dumps(part))
+    part_file.write_text(json.dumps(part))
     assert config.load(path, model=name).model[name].team == "from-the-part"
     assert config.load(path, build=build).model[name].team == "from-the-part"
     assert config.load(path).model[name].team != "from-the-part"  # the whole file is params.yaml
+    # A build argument outside the model-name grammar never names a file: params.yaml decides.
+    (tmp_path / "x.json").write_text(part_file.read_text())
+    for hostile in ("../../x", "../x-float", "/x-float", "x-float"):
+        cfg = config.load(path, build=hostile)
+        assert cfg.model[name].team != "from-the-part"
+        with pytest.raises(ConfigError, match="unknown build"):
+            resolve_build(cfg, hostile)
     path.write_text(path.read_text() + "\n")  # no longer the params.yaml the part was cut from
     assert config.load(path, model=name).model[name].team == params["model"][name]["team"]
     # A key that JSON would turn into a string: the part is for DVC only, the stage reads params.yaml.

@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 
+from pipeline import fingerprint, layout
 from tests.conftest import copy_project, run_cli
 
 pytestmark = pytest.mark.e2e
@@ -136,6 +137,10 @@ def test_no_build_stage_process_imports_mlflow(repro, tmp_path):
         assert result.returncode == 0, result.stderr[-2000:]
         imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
         assert not {module for module in imported if module.split(".")[0] == "mlflow"}, stage
+        ours = {fingerprint.module_file(m, project).relative_to(project).as_posix()
+                for m in imported if m.split(".")[0] in fingerprint.PACKAGES}
+        code = json.loads((project / layout.code_fingerprint(stage)).read_text())
+        assert ours <= set(code), f"{stage} ran {sorted(ours - set(code))}, not in its code fingerprint"
         if stage in ("representative", "quantize", "metadata", "validate", "report"):  # LiteRT builds and checks
             assert "tensorflow" not in imported, stage  # (validate: not through MediaPipe's client check either)
     assert len(list((project / ".litert" / "deferred").iterdir())) >= 5  # the records, saved for `track` to upload
@@ -202,6 +207,26 @@ def test_editing_one_variant_reruns_only_that_build(repro):
     finally:
         params.write_text(original)
         assert run_cli("dvc", "repro", "params", cwd=repro, env=ENV).returncode == 0
+
+
+def test_editing_one_module_reruns_only_the_stages_that_run_it(repro):
+    """A code edit: `dvc status` names the `code` stage; once it ran, the stages whose module's
+    fingerprint holds the edited file, and no other."""
+    module = repro / "pipeline" / "report.py"
+    original = module.read_text()
+    module.write_text(original + "\n# edited\n")
+    try:
+        assert set(json.loads(run_cli("dvc", "status", "--json", cwd=repro).stdout)) == {"code"}
+        assert run_cli("dvc", "repro", "code", cwd=repro, env=ENV).returncode == 0
+        status = set(json.loads(run_cli("dvc", "status", "--json", cwd=repro).stdout))
+        running = {path.stem for path in (repro / layout.CODE_FINGERPRINTS).glob("*.json")
+                   if "pipeline/report.py" in json.loads(path.read_text())}
+        assert {"report", "autoselect"} <= running and "quantize" not in running
+        assert status and {stage.partition("@")[0] for stage in status} == running
+    finally:
+        module.write_text(original)
+        assert run_cli("dvc", "repro", "code", cwd=repro, env=ENV).returncode == 0
+    assert json.loads(run_cli("dvc", "status", "--json", cwd=repro).stdout) == {}
 
 
 def test_dvc_artifacts_get_fetches_a_delivered_model(repro, tmp_path):

@@ -3,21 +3,15 @@ every stage depends on all the library code it runs (so a code change reruns wha
 
 from __future__ import annotations
 
-import ast
-from functools import lru_cache
 from pathlib import Path
 
 import pytest
 
-from pipeline import config, layout
+from pipeline import config, fingerprint, layout
 from pipeline.config import TRUSTED_FUNCTIONS, TRUSTED_MODULES
 from tests.conftest import ROOT
 
-CODE = ("stages/", "pipeline/")
-# The modules of config-named functions (factories, task metrics) each stage imports at run time.
-FACTORIES, TASK_METRICS = "pipeline.examples", "pipeline.task_metrics"
-RESOLVES = {"convert": {FACTORIES}, "quantize": {FACTORIES}, "validate": {TASK_METRICS},
-            "autoselect": {FACTORIES, TASK_METRICS}}
+CODE = ("stages", "pipeline", layout.CODE_FINGERPRINTS.as_posix())
 
 
 @pytest.fixture(scope="module")
@@ -47,68 +41,46 @@ def test_every_stage_declares_exactly_the_layouts_paths(stages):
         assert outs == outputs, f"{name}@{key}: dvc.yaml outs {sorted(outs)} != layout {sorted(outputs)}"
 
 
-@lru_cache(maxsize=None)
-def _module_file(module: str) -> Path | None:
-    path = ROOT / Path(*module.split("."))
-    for candidate in (path / "__init__.py", path.with_suffix(".py")):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-@lru_cache(maxsize=None)
-def _imports(file: Path) -> frozenset[str]:
-    """Every project module `file` imports, at module level or inside functions (not for typing)."""
-    tree = ast.parse(file.read_text(encoding="utf-8"))
-    typing_only = {id(node) for block in ast.walk(tree) if isinstance(block, ast.If)
-                   and getattr(block.test, "id", "") == "TYPE_CHECKING" for node in ast.walk(block)}
-    package = file.relative_to(ROOT).with_suffix("").parts[:-1]
-    found = set()
-    for node in ast.walk(tree):
-        if id(node) in typing_only:
-            continue
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                base = ".".join([*package[:len(package) - node.level + 1], *([base] if base else [])])
-            found.add(base)
-            found.update(f"{base}.{alias.name}" for alias in node.names)
-    modules = set()
-    for name in found:
-        parts = name.split(".")
-        if parts[0] in ("pipeline", "stages"):
-            modules.update(".".join(parts[:i]) for i in range(1, len(parts) + 1) if _module_file(".".join(parts[:i])))
-    return frozenset(modules)
-
-
-def _closure(start: Path, extra: set[str] = frozenset()) -> set[Path]:
-    seen: set[Path] = set()
-    todo = [start, *(_module_file(m) for m in extra)]
-    while todo:
-        file = todo.pop()
-        if file in seen:
-            continue
-        seen.add(file)
-        todo.extend(_module_file(module) for module in _imports(file))
-    return seen
-
-
 def test_every_stage_depends_on_the_library_code_it_runs(stages):
+    """Each stage's one code dependency is its module's fingerprint, which the `code` stage
+    writes from the folders it depends on; the fingerprint covers the stage's import closure
+    and the modules a config may name (test_e2e checks it against the modules a run imports)."""
     named = {reference.partition(":")[0] for reference in TRUSTED_FUNCTIONS} | TRUSTED_MODULES
-    assert set().union(*RESOLVES.values()) == named
+    assert set().union(*fingerprint.NAMED_BY_CONFIG.values()) == named
     for name, key, deps, _, module in stages:
-        code = [ROOT / dep for dep in deps if dep.startswith(CODE)]
-        runs = _closure(_module_file(module), RESOLVES.get(name, set()))
-        missing = sorted(str(f.relative_to(ROOT)) for f in runs
-                         if not any(f == dep or dep in f.parents for dep in code))
-        assert not missing, f"{name}@{key} runs {missing} but does not depend on it in dvc.yaml"
+        code = {dep for dep in deps if dep.startswith(CODE)}
+        if name == "code":
+            assert code == {"pipeline", "stages"}, f"{name}: the code stage hashes the folders"
+            continue
+        stage_module = module.removeprefix("stages.")
+        assert code == {layout.code_fingerprint(stage_module).as_posix()}, f"{name}@{key}: code deps {sorted(code)}"
+        runs = fingerprint.stage_code(stage_module, ROOT)
+        assert ROOT / "stages" / f"{stage_module}.py" in runs
+        assert {fingerprint.module_file(m, ROOT) for m in fingerprint.NAMED_BY_CONFIG.get(stage_module, ())} <= set(runs)
+
+
+def test_a_fingerprint_changes_with_the_code_its_stage_runs_alone(tmp_path):
+    """The `code` stage's files: an edit of a module changes the fingerprints of the stages
+    that run it, and no other."""
+    import json
+    import shutil
+
+    for package in fingerprint.PACKAGES:
+        shutil.copytree(ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    before = {path.name: json.loads(path.read_text()) for path in fingerprint.write_fingerprints(tmp_path)}
+    assert set(before) == {f"{module}.json" for module in fingerprint.stage_modules(ROOT)}
+    assert "pipeline/report.py" in before["report.json"] and "pipeline/report.py" not in before["quantize.json"]
+    with (tmp_path / "pipeline" / "report.py").open("a") as module:
+        module.write("\n# edited\n")
+    after = {path.name: json.loads(path.read_text()) for path in fingerprint.write_fingerprints(tmp_path)}
+    changed = {name for name in before if before[name] != after[name]}
+    assert changed == {name for name, files in before.items() if "pipeline/report.py" in files}
+    assert "report.json" in changed and "quantize.json" not in changed
 
 
 def test_the_library_has_no_import_cycle():
     """config <- tracking <- registry once imported each other; none may again, even inside functions."""
-    graph = {file: {_module_file(m) for m in _imports(file)} - {file}
+    graph = {file: {fingerprint.module_file(m, ROOT) for m in fingerprint.imports(file, ROOT)} - {file}
              for file in (ROOT / "pipeline").rglob("*.py")}
     state: dict[Path, str] = {}
 
