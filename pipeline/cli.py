@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from pipeline import __version__
 from pipeline.entry import exit_on_error
-from pipeline.errors import EXIT_CONFIG, EXIT_OK, InputError, naming_file
+from pipeline.errors import EXIT_CONFIG, EXIT_OK, ConfigError, InputError, naming_file
 
 if TYPE_CHECKING:  # the commands import what they need when they run (MLflow and TensorFlow are slow)
     from pipeline.config import PipelineConfig
@@ -40,7 +40,6 @@ def cmd_compose(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     """Compose params.yaml, then `dvc repro` under one MLflow parent run."""
     from pipeline import parallel, repro
-    from pipeline.errors import ConfigError
 
     if args.jobs > 1 and args.targets:
         raise ConfigError("-j builds whatever is out of date: it cannot be combined with --target", key="--jobs")
@@ -125,6 +124,9 @@ def cmd_promote(args: argparse.Namespace) -> int:
 def cmd_versions(args: argparse.Namespace) -> int:
     from pipeline import config, registry, tracking
 
+    if not config.REGISTRY_NAME.fullmatch(args.name):  # a usage error, not the tracking server's
+        raise ConfigError("not a registered model name (letters, digits, _, . and -, e.g. vision.digits)",
+                          file="command line", key="name")
     versions = tracking.list_versions(config.load().tracking, args.name)
     print(json.dumps(versions, indent=2) if args.json else registry.format_versions(args.name, versions))
     return EXIT_OK

@@ -636,6 +636,11 @@ def _reject_unknown_keys(node: Any, schema: Any, file: str, prefix: str = "") ->
             _reject_unknown_keys(value, arguments[0], file, f"{prefix.rstrip('.')}[{index}].")
 
 
+# Each metadata text (description, author, ...) is written into every delivered model, where
+# the size gate cannot see it (it compares the payload without metadata).
+MAX_METADATA_TEXT = 16_384
+
+
 def _check_references(cfg: PipelineConfig, file: str) -> None:
     def need(group: dict, name: str, key: str, what: str) -> None:
         if name not in group:
@@ -679,6 +684,15 @@ def _check_references(cfg: PipelineConfig, file: str) -> None:
                                   f"{ref.num_samples}", file=file, key=f"{key}.{part}.num_samples")
         if not source.trusted:
             _check_inside_project(source.path, file, f"{key}.source.path")
+        texts = [(f"{key}.metadata.{field}", getattr(model.metadata, field))
+                 for field in ("description", "author", "license", "version")]
+        texts += [(f"{key}.metadata.{role}[{index}].{field}", getattr(tensor, field))
+                  for role in ("inputs", "outputs") for index, tensor in enumerate(getattr(model.metadata, role))
+                  for field in ("name", "description")]
+        for text_key, text in texts:
+            if len(text) > MAX_METADATA_TEXT:
+                raise ConfigError(f"{len(text):,} characters: metadata text goes into every delivered model; the "
+                                  f"limit is {MAX_METADATA_TEXT:,}", file=file, key=text_key)
         for role in ("inputs", "outputs"):
             for index, tensor in enumerate(getattr(model.metadata, role)):
                 if tensor.labels is not None:
@@ -769,6 +783,11 @@ def _check_references(cfg: PipelineConfig, file: str) -> None:
 PROJECT_ROOT_ENV = "LITERT_PROJECT_ROOT"
 
 
+def _in_project(resolved: Path) -> bool:
+    roots = [Path.cwd()] + ([Path(os.environ[PROJECT_ROOT_ENV])] if os.environ.get(PROJECT_ROOT_ENV) else [])
+    return any(resolved.is_relative_to(root.resolve()) for root in roots)
+
+
 def _check_inside_project(path: str, file: str, key: str, under: Path | None = None) -> None:
     """A path a config names stays in the project (and in `under`, the folder DVC tracks for it)."""
     normal = Path(os.path.normpath(path))
@@ -780,8 +799,7 @@ def _check_inside_project(path: str, file: str, key: str, under: Path | None = N
         resolved = normal.resolve()
     except (RuntimeError, OSError) as exc:  # RuntimeError: a loop of symbolic links
         raise ConfigError(f"'{path}' cannot be resolved: {first_line(exc)}", file=file, key=key) from None
-    roots = [Path.cwd()] + ([Path(os.environ[PROJECT_ROOT_ENV])] if os.environ.get(PROJECT_ROOT_ENV) else [])
-    if not any(resolved.is_relative_to(root.resolve()) for root in roots):
+    if not _in_project(resolved):
         raise ConfigError(f"'{path}' leads outside the project through a symbolic link", file=file, key=key)
     if under is not None and normal.parts[:len(under.parts)] != under.parts:
         raise ConfigError(f"'{path}' must live in {under}/ (a dependency of the stages that read it)", file=file,
@@ -1157,11 +1175,35 @@ def _special_file(path: Path) -> str | None:
     return None
 
 
+# A source folder (a SavedModel) holds a few files; more is not a model, and the walk is bounded.
+MAX_SOURCE_FILES = 10_000
+
+
 def check_source_exists(model: ModelConfig, name: str, *, file: str = PARAMS_FILE) -> None:
-    if not Path(model.source.path).exists():
-        raise InputError(
-            f"source path '{model.source.path}' does not exist", file=file, key=f"model.{name}.source.path"
-        )
+    """The source exists and, for a folder, nothing in it leads out of the project through a
+    symbolic link (the path itself was checked as it resolves when the config loaded)."""
+    key = f"model.{name}.source.path"
+    source = Path(model.source.path)
+    if not source.exists():
+        raise InputError(f"source path '{model.source.path}' does not exist", file=file, key=key)
+    if not source.is_dir() or model.source.trusted:
+        return
+    seen = 0
+    for folder, folders, files in os.walk(source):  # does not descend into linked folders
+        for entry in (*folders, *files):
+            seen += 1
+            if seen > MAX_SOURCE_FILES:
+                raise InputError(f"source folder '{source}' holds over {MAX_SOURCE_FILES:,} files: not a model",
+                                 file=file, key=key)
+            path = Path(folder, entry)
+            if path.is_symlink():
+                try:
+                    inside = _in_project(path.resolve())
+                except (RuntimeError, OSError):  # a loop of symbolic links
+                    inside = False
+                if not inside:
+                    raise InputError(f"'{path}' in the source folder leads outside the project through a symbolic "
+                                     "link", file=file, key=key)
 
 
 # --- composition (conf/ -> params.yaml) -------------------------------------------------
@@ -1344,12 +1386,32 @@ def _check_one_owner_per_key(conf_dir: Path) -> None:
                          else _relative(owner))
                 raise ConfigError(f"also set by {named}: each key belongs to one conf file (Hydra would "
                                   "let one file override the other silently)", file=_relative(intruder), key=key)
+        _check_builds_of_own_models(node, prefix, file)
         if group == ("model",) and not any(key.startswith("model.") for key, _ in _leaves(node, prefix)):
             without_model.append(file)
     if without_model:  # after the keys' owners: a conflict says more
         # Selected, it would add nothing and the run would build less than asked, silently.
         raise ConfigError("declares no model: a model file holds `model: {<name>: …}` and its builds (see "
                           "conf/model/digits.yaml)", file=_relative(without_model[0]), key="model")
+
+
+def _check_builds_of_own_models(node: Any, prefix: str, file: Path) -> None:
+    """A conf file builds and auto-selects the models it declares, and no other: another team's
+    file could otherwise add a build of this team's model under gates of its own choosing, and
+    the run would deliver and register it under this team's name."""
+    leaves = list(_leaves(node, prefix))
+    declared = {key.split(".")[1] for key, _ in leaves if key.startswith("model.") and key.count(".") >= 1}
+    for key, value in leaves:
+        parts = key.split(".")
+        if parts[0] == "build" and parts[-1] == "model" and len(parts) == 3:
+            target = value
+        elif parts[0] == "autoselect" and len(parts) >= 2:
+            target, key = parts[1], f"autoselect.{parts[1]}"
+        else:
+            continue
+        if target not in declared:
+            raise ConfigError(f"builds model '{target}', which this file does not declare: a conf file builds and "
+                              "auto-selects its own models only", file=_relative(file), key=key)
 
 
 def _parents(key: str) -> list[str]:

@@ -11,7 +11,7 @@ import pytest
 
 from pipeline import config, deliver, registry, tracking
 from pipeline.build import resolve_build
-from pipeline.errors import InputError
+from pipeline.errors import EXIT_CONFIG, InputError
 from pipeline.io import sha256_bytes, write_bytes, write_json
 from pipeline.metadata import inspect_model
 from tests.conftest import ROOT, run_cli
@@ -151,6 +151,8 @@ def test_new_bytes_make_a_new_candidate_and_promotion_moves_production(cfg, tiny
     assert lines[4].split()[:3] == ["1", "float", "-"]
     with pytest.raises(InputError, match=f"no version 9 of registered model '{NAME}'"):
         tracking.promote(cfg.tracking, NAME, 9, "production")
+    bad = run_cli("litert-pipeline", "versions", "../../x", cwd=workdir, env=env)  # a usage error, not MLflow's
+    assert bad.returncode == EXIT_CONFIG and bad.stderr.strip().splitlines()[-1].startswith("error: command line: name:")
 
 
 def test_only_a_passing_report_on_the_same_bytes_registers(cfg, tiny_float_tflite):

@@ -153,6 +153,15 @@ def test_metadata_numbers_are_checked_when_the_config_loads(tiny_project, field,
     assert words in line
 
 
+def test_metadata_text_is_bounded_when_the_config_loads(tiny_project):
+    """A 7 MB description passed every gate and made each delivered model 650 times larger (the
+    size gate compares payloads without metadata): refused before anything is built."""
+    set_params(tiny_project, {"model.digits.metadata.description": "x" * 20_000})
+    line = fails_cleanly(tiny_project, stage("quantize", "digits-float"), EXIT_CONFIG, "params.yaml",
+                         "model.digits.metadata.description")
+    assert "the limit is 16,384" in line
+
+
 def test_a_conf_file_cannot_silently_override_another_teams_key(tiny_project):
     """Hydra merges conf files in order, so a team's model file could loosen the shared gate set
     every other team's models use. Each key has one owner: compose refuses, naming both files."""
@@ -161,6 +170,20 @@ def test_a_conf_file_cannot_silently_override_another_teams_key(tiny_project):
     line = fails_cleanly(tiny_project, COMPOSE, EXIT_CONFIG, "conf/model/team_b.yaml",
                          "validation.classifier.max_accuracy_drop")
     assert "also set by conf/validation/classifier.yaml" in line
+
+
+@pytest.mark.parametrize(("body", "key", "model"), [
+    ("build:\n  digits-loose: {model: digits, variant: float, validation: {min_cosine: -1.0}}\n",
+     "build.digits-loose.model", "digits"),
+    ("autoselect:\n  mobilenet_v2: {max_accuracy_drop: 1.0}\n", "autoselect.mobilenet_v2", "mobilenet_v2")],
+    ids=["build", "autoselect"])
+def test_a_conf_file_cannot_build_another_teams_model(tiny_project, body, key, model):
+    """A new build or auto-selection of another file's model, under gates of the intruder's
+    choosing, would be delivered and registered under the owner's name: compose refuses it."""
+    (tiny_project / "conf/model/team_b.yaml").write_text(
+        "# @package _global_\nmodel:\n  team_b_model:\n    team: b\n" + body)
+    line = fails_cleanly(tiny_project, COMPOSE, EXIT_CONFIG, "conf/model/team_b.yaml", key)
+    assert f"builds model '{model}', which this file does not declare" in line
 
 
 def test_a_key_of_a_one_choice_group_names_the_group_not_one_option(tiny_project):

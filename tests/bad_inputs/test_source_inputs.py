@@ -26,6 +26,17 @@ def test_unreadable_source_a_folder_where_a_keras_file_belongs(tiny_project):
     fails_cleanly(tiny_project, CONVERT, EXIT_INPUT, "tiny/folder.keras", f"{SOURCE}.path")
 
 
+def test_a_symbolic_link_inside_a_source_folder_leading_out_is_refused(tiny_project, tmp_path):
+    """The source path resolves inside the project, but a folder within it links out: the
+    converter would read (and embed) whatever it points at."""
+    variables = tiny_project / "tiny/saved_model/variables"
+    outside = tmp_path / "outside_variables"
+    variables.rename(outside)
+    variables.symlink_to(outside)
+    line = fails_cleanly(tiny_project, CONVERT, EXIT_INPUT, "params.yaml", f"{SOURCE}.path")
+    assert "tiny/saved_model/variables' in the source folder leads outside the project" in line
+
+
 def test_truncated_saved_model(tiny_project):
     protobuf = tiny_project / "tiny/saved_model/saved_model.pb"
     protobuf.write_bytes(protobuf.read_bytes()[:100])
