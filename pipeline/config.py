@@ -1221,6 +1221,7 @@ def compose(overrides: list[str] | None = None, conf_dir: str | Path = CONF_DIR)
 def compose_typed(overrides: list[str] | None = None, conf_dir: str | Path = CONF_DIR) -> tuple[str, PipelineConfig]:
     """`compose`'s text, and the typed config it holds (what loading that text gives: validating
     the 50-model text again took 1.2 s of every run's start)."""
+    import yaml
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException, OverrideParseException
@@ -1240,6 +1241,11 @@ def compose_typed(overrides: list[str] | None = None, conf_dir: str | Path = CON
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(" ".join(str(exc).split()), file=str(Path(conf_dir) / f"{CONFIG_NAME}.yaml")) from None
     except Exception as exc:  # yaml.YAMLError from a malformed group file
+        if not isinstance(exc, yaml.YAMLError):  # e.g. Hydra's bare AssertionError on a defaults entry
+            what = f"{type(exc).__name__}: {first_line(exc)}" if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"Hydra could not compose the defaults list ({what}): each entry names a group and "
+                              "an option, e.g. `- dataset: [digits_calibration]`",
+                              file=str(Path(conf_dir) / f"{CONFIG_NAME}.yaml"), key="defaults") from None
         mark = getattr(exc, "problem_mark", None)
         named = getattr(mark, "name", None)  # the file Hydra read, or "<unicode string>"
         raise ConfigError(malformed_yaml(exc), file=_relative(named) if named and Path(named).is_file() else str(conf_dir)

@@ -130,6 +130,17 @@ class ComparisonPaths:
                    folder / "pareto.png", folder / "pareto.json")
 
 
+def output_folders(cfg: "PipelineConfig") -> list[Path]:
+    """Every folder the stages of `cfg` write a file into."""
+    files = [samples(name) for name in [*cfg.dataset, *cfg.generator]] + [model_params("x"), code_fingerprint("x")]
+    for model in cfg.model:
+        files += [*vars(ModelPaths.of(model)).values(), *vars(ComparisonPaths.of(model)).values()]
+        files += vars(AutoSelectPaths.of(model)).values()
+    for build in [*((b.model, b.variant) for b in cfg.build.values()), *((m, AUTO_VARIANT) for m in cfg.autoselect)]:
+        files += vars(BuildPaths.of(*build)).values()
+    return sorted({Path(file).parent for file in files})
+
+
 def stage_files(stage: str, key: str, cfg: "PipelineConfig") -> tuple[set[str], set[str]]:
     """(data inputs, outputs) of the DVC stage `stage@key`, as dvc.yaml must declare them.
 

@@ -143,7 +143,18 @@ def compose_checked(overrides: list[str], conf_dir: str) -> PipelineConfig:
     a nightly of nothing would pass)."""
     cfg = write_composed(overrides, conf_dir, require_model=True)
     config.check_inputs_exist(cfg, conf_dir)
+    check_output_folders(cfg)
     return cfg
+
+
+def check_output_folders(cfg: PipelineConfig) -> None:
+    """A file where a stage writes a folder (`models/<m>` a file) fails DVC before the stage
+    runs, which the run could only report as a stage DVC could not run (exit 1): said here."""
+    for folder in layout.output_folders(cfg):
+        for path in (folder, *folder.parents[:-1]):  # not "." itself
+            if path.exists() and not path.is_dir():
+                raise OutputError(f"a file where the pipeline writes the folder '{folder}': move it away",
+                                  file=str(path))
 
 
 def nothing_to_upload() -> bool:

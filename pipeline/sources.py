@@ -58,6 +58,9 @@ def load_source(model: ModelConfig, name: str, *, file: str = "params.yaml") -> 
         path_name = "jax2tf_saved_model" if fmt is SourceFormat.jax else "from_saved_model"
         return _from_saved_model(path, model, key, path_name)
     if fmt in (SourceFormat.keras, SourceFormat.h5):
+        if fmt is SourceFormat.keras and not zipfile.is_zipfile(path):  # Keras would say "File not found"
+            raise InputError("not a Keras archive: format keras takes a `.keras` file, a ZIP as model.save() "
+                             "writes it (a legacy H5 file is format h5)", file=str(path), key=f"{key}.path")
         if zipfile.is_zipfile(path):  # the Keras 3 format; H5 files are not archives
             check_archive(path, key=f"{key}.path", what="Keras archive")
         return _from_keras(path, model, key)

@@ -153,6 +153,15 @@ def test_metadata_numbers_are_checked_when_the_config_loads(tiny_project, field,
     assert words in line
 
 
+def test_a_defaults_entry_hydra_cannot_compose_names_the_defaults_list(tiny_project):
+    """`- override generator: [...]` in config.yaml: Hydra raised a bare AssertionError, shown
+    as "malformed YAML: AssertionError" with no key."""
+    config_yaml = tiny_project / "conf/config.yaml"
+    config_yaml.write_text(config_yaml.read_text().replace("  - generator:", "  - override generator:", 1))
+    line = fails_cleanly(tiny_project, COMPOSE, EXIT_CONFIG, "conf/config.yaml", "defaults")
+    assert "Hydra could not compose the defaults list" in line
+
+
 def test_metadata_text_is_bounded_when_the_config_loads(tiny_project):
     """A 7 MB description passed every gate and made each delivered model 650 times larger (the
     size gate compares payloads without metadata): refused before anything is built."""

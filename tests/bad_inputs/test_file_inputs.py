@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.errors import EXIT_CONFIG, EXIT_INPUT, EXIT_OUTPUT
-from tests.bad_inputs.conftest import fails_cleanly, set_params, stage
+from tests.bad_inputs.conftest import fails_cleanly, run, set_params, stage
 
 METADATA = stage("metadata", "digits-float")
 OUTPUT = "model.digits.metadata.outputs[0]"
@@ -108,6 +108,20 @@ def test_output_whose_parent_is_a_file(tiny_project):
     line = fails_cleanly(tiny_project, stage("quantize", "digits-dynamic_wi8_afp32"), EXIT_OUTPUT,
                          "artifacts/digits/quantized/dynamic_wi8_afp32.tflite")
     assert "cannot write" in line
+
+
+def test_a_file_where_a_stage_writes_a_folder_is_named_before_dvc_runs(tiny_project):
+    """DVC fails before the stage starts, which `run` could only report as exit 1 (DVC could
+    not run it): the run names the file, exit 7, before anything is built."""
+    import shutil
+
+    shutil.rmtree(tiny_project / "models/digits", ignore_errors=True)
+    (tiny_project / "models").mkdir(exist_ok=True)
+    (tiny_project / "models/digits").write_text("a file where the folder should be")
+    result = run(tiny_project, "litert-pipeline", "run", "model=[digits]")
+    assert result.returncode == EXIT_OUTPUT, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("error: models/digits: a file where the pipeline writes")
+    assert (tiny_project / "models/digits").read_text() == "a file where the folder should be"
 
 
 def test_write_that_fails_half_way_leaves_the_previous_output(tiny_project):
