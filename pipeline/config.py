@@ -1406,7 +1406,7 @@ def _check_builds_of_own_models(node: Any, prefix: str, file: Path) -> None:
     file could otherwise add a build of this team's model under gates of its own choosing, and
     the run would deliver and register it under this team's name."""
     leaves = list(_leaves(node, prefix))
-    declared = {key.split(".")[1] for key, _ in leaves if key.startswith("model.") and key.count(".") >= 1}
+    declared = {key.split(".")[1] for key, _ in leaves if key.startswith("model.")}
     for key, value in leaves:
         parts = key.split(".")
         if parts[0] == "build" and parts[-1] == "model" and len(parts) == 3:

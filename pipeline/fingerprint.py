@@ -1,8 +1,8 @@
 """The code each stage runs, as one small file per stage module that its DVC stages depend on.
 
 Every stage used to list each library module it runs as a DVC dependency: about 20 per stage,
-so at 50 models DVC hashed 13,000 code dependencies and parsed them out of a 3.4 MB dvc.lock
-in every `dvc status` (5.3 s against 9.2 s side by side, bench/noop.md). Now the `code` stage
+so at 50 models DVC checked 13,204 code dependencies and parsed them out of a 3.4 MB dvc.lock
+in every `dvc status` (10.3 s against 18.2 s now, side by side: bench/noop_built.md). Now the `code` stage
 depends on the folders `pipeline/` and `stages/` and writes, for each stage module, the
 SHA-256 of every project file that module imports (at module level or inside functions,
 directly or through other modules, and the modules a config may name). A code edit reruns

@@ -22,7 +22,8 @@ ARTIFACTS = Path("artifacts")  # intermediate outputs (DVC outs)
 # 1-2 minutes of a no-op `dvc repro`, against 2 s from the parts (bench/noop.md). No model is named `_params` (names start with a
 # letter or digit), so no model's artifacts folder is this one.
 MODEL_PARAMS = ARTIFACTS / "_params"
-# What each stage module runs (pipeline/fingerprint.py): the one code dependency of its stages.
+# What each stage module runs (pipeline/fingerprint.py): the one code dependency of its stages
+# (like `_params`, no model's artifacts folder).
 CODE_FINGERPRINTS = ARTIFACTS / "_code"
 MODELS = Path("models")  # delivered models
 REPORTS = Path("reports")  # validation reports and auto-selection trails
@@ -132,13 +133,13 @@ class ComparisonPaths:
 
 def output_folders(cfg: "PipelineConfig") -> list[Path]:
     """Every folder the stages of `cfg` write a file into."""
-    files = [samples(name) for name in [*cfg.dataset, *cfg.generator]] + [model_params("x"), code_fingerprint("x")]
+    files = [samples(name) for name in [*cfg.dataset, *cfg.generator]] + [model_params(model) for model in cfg.model]
     for model in cfg.model:
         files += [*vars(ModelPaths.of(model)).values(), *vars(ComparisonPaths.of(model)).values()]
         files += vars(AutoSelectPaths.of(model)).values()
     for build in [*((b.model, b.variant) for b in cfg.build.values()), *((m, AUTO_VARIANT) for m in cfg.autoselect)]:
         files += vars(BuildPaths.of(*build)).values()
-    return sorted({Path(file).parent for file in files})
+    return sorted({CODE_FINGERPRINTS} | {Path(file).parent for file in files})
 
 
 def stage_files(stage: str, key: str, cfg: "PipelineConfig") -> tuple[set[str], set[str]]:

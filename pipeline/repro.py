@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator, NamedTuple
 
-
 from pipeline import config, layout, tracking
 from pipeline.config import PipelineConfig
 from pipeline.errors import (EXIT_INTERNAL, EXIT_OK, OUTCOMES_ENV, BusyError, ConfigError, InputError, OutputError,
