@@ -81,6 +81,7 @@ def _clone_with_examples(first: Path, project: Path) -> Path:
     _git(project.parent, "clone", "-q", str(first), project.name)
     shutil.copytree(first / "examples", project / "examples")
     examples = yaml.safe_load((project / "params.yaml").read_text())["examples"]
+    _dvc(project, "repro", "code")  # the prepare stages' code dependency (fingerprints, in no clone)
     _dvc(project, "commit", "--force", *(f"prepare@{name}" for name in examples))
     return project
 

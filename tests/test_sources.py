@@ -124,7 +124,7 @@ def test_bad_sources_fail_with_one_line(tmp_path, sources):
         load_source(model_config(SourceFormat.saved_model, broken), "m")
     not_zip = tmp_path / "model.keras"
     not_zip.write_text("not a zip")
-    with pytest.raises(InputError, match="cannot load Keras model"):
+    with pytest.raises(InputError, match="not a Keras archive"):
         load_source(model_config(SourceFormat.keras, not_zip), "m")
     with pytest.raises(ConfigError, match="signature_key"):
         load_source(model_config(SourceFormat.saved_model, root / "saved_model", signature_key="nope"), "m")
