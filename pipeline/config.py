@@ -1368,7 +1368,8 @@ def _check_one_owner_per_key(conf_dir: Path) -> None:
             node = yaml.safe_load(text) or {}
         except yaml.YAMLError:
             continue  # Hydra reports it, naming the file
-        for key, value in _leaves(node, prefix):
+        leaves = list(_leaves(node, prefix))
+        for key, value in leaves:
             if isinstance(value, str) and RESOLVER.search(value):
                 raise ConfigError("resolvers (`${oc.env:…}` and the like) are not allowed in conf files: they would "
                                   "copy this machine's environment into params.yaml and MLflow", file=_relative(file),
@@ -1392,8 +1393,8 @@ def _check_one_owner_per_key(conf_dir: Path) -> None:
                          else _relative(owner))
                 raise ConfigError(f"also set by {named}: each key belongs to one conf file (Hydra would "
                                   "let one file override the other silently)", file=_relative(intruder), key=key)
-        _check_builds_of_own_models(node, prefix, file)
-        if group == ("model",) and not any(key.startswith("model.") for key, _ in _leaves(node, prefix)):
+        _check_builds_of_own_models(leaves, file)
+        if group == ("model",) and not any(key.startswith("model.") for key, _ in leaves):
             without_model.append(file)
     if without_model:  # after the keys' owners: a conflict says more
         # Selected, it would add nothing and the run would build less than asked, silently.
@@ -1401,11 +1402,10 @@ def _check_one_owner_per_key(conf_dir: Path) -> None:
                           "conf/model/digits.yaml)", file=_relative(without_model[0]), key="model")
 
 
-def _check_builds_of_own_models(node: Any, prefix: str, file: Path) -> None:
+def _check_builds_of_own_models(leaves: list[tuple[str, Any]], file: Path) -> None:
     """A conf file builds and auto-selects the models it declares, and no other: another team's
     file could otherwise add a build of this team's model under gates of its own choosing, and
-    the run would deliver and register it under this team's name."""
-    leaves = list(_leaves(node, prefix))
+    the run would deliver and register it under this team's name. `leaves`: the file's (key, value)s."""
     declared = {key.split(".")[1] for key, _ in leaves if key.startswith("model.")}
     for key, value in leaves:
         parts = key.split(".")
