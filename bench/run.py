@@ -158,6 +158,8 @@ def make_project(folder: Path, source: Path, overrides: list[str], examples: Pat
     git(project, "init", "-q")
     git(project, "add", "-A")
     git(project, "commit", "-qm", "bench project")
+    # The examples' stages depend on the code fingerprints: made first, so they can be recorded.
+    run(["dvc", "repro", "--quiet", "code"], project)
     run(["dvc", "commit", "--force", "--quiet", *[f"prepare@{name}" for name in names]], project)
     git(project, "add", "-A")
     git(project, "commit", "-qm", "examples built")
