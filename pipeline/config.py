@@ -694,6 +694,9 @@ def _check_references(cfg: PipelineConfig, file: str) -> None:
                 raise ConfigError(f"{len(text):,} characters: metadata text goes into every delivered model; the "
                                   f"limit is {MAX_METADATA_TEXT:,}", file=file, key=text_key)
         for role in ("inputs", "outputs"):
+            if not getattr(model.metadata, role):  # the metadata stage would find out after conversion
+                raise ConfigError(f"no {role} described: every delivered model carries metadata describing each of "
+                                  f"its {role} (see conf/model/digits.yaml)", file=file, key=f"{key}.metadata.{role}")
             for index, tensor in enumerate(getattr(model.metadata, role)):
                 if tensor.labels is not None:
                     _check_inside_project(tensor.labels, file, f"{key}.metadata.{role}[{index}].labels", under=LABELS)

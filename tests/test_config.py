@@ -213,6 +213,14 @@ def test_compose_error_names_the_conf_file(tmp_path):
     with pytest.raises(ConfigError) as caught:
         config.compose(["model=[digits]"], conf_dir=conf)
     assert caught.value.file.endswith("conf/model/digits.yaml") and caught.value.key == "model.digits.colour"
+    # A model file leaving its metadata out is refused here, not after its conversion.
+    text = (ROOT / "conf" / "model" / "digits.yaml").read_text()
+    metadata = text[text.index("    metadata:\n"):text.index("# `autoselect")]
+    model_file.write_text(text.replace(metadata, ""))
+    with pytest.raises(ConfigError) as caught:
+        config.compose(conf_dir=conf)
+    assert caught.value.file.endswith("conf/model/digits.yaml") and caught.value.key == "model.digits.metadata.inputs"
+    assert "every delivered model carries metadata" in caught.value.message
 
 
 def test_cli_exits_non_zero_with_one_line_and_writes_nothing(project):

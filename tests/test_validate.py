@@ -297,6 +297,9 @@ model:
     evaluation: {{dataset: noise, allow_overlap: true}}
     runtime: cpu
     validation: classifier
+    metadata:
+      inputs: [{{name: x}}]
+      outputs: [{{name: y}}]
 build:
   tiny-float: {{model: tiny, variant: float}}
 quantization:
