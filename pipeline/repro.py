@@ -66,15 +66,15 @@ DVC_YAML = Path("dvc.yaml")
 TRACK_STAGE = "track"  # dvc.yaml's last stage: uploads the build stages' deferred records
 
 
-def write_composed(overrides: list[str], conf_dir: str, output: str = config.PARAMS_FILE, *,
-                   require_model: bool = False) -> PipelineConfig:
+def write_composed(overrides: list[str], conf_dir: str, output: str = config.PARAMS_FILE) -> PipelineConfig:
     """Compose `conf/` into `output`; for the project's params.yaml, also declare the builds'
-    delivered models as dvc.yaml's artifacts. Returns the typed config. With `require_model`,
-    a selection of no model is refused before anything is written."""
+    delivered models as dvc.yaml's artifacts. Returns the typed config. A selection of no model
+    is refused before anything is written (a nightly of nothing would pass)."""
     text, cfg = config.compose_typed(overrides, conf_dir=conf_dir)
-    if require_model and not cfg.model:
+    if not cfg.model:
+        chosen_here = any(o.split("=", 1)[0].lstrip("+~") == "model" for o in overrides)
         raise ConfigError("no model selected: nothing would be built (name one, e.g. 'model=[digits]')",
-                          file=str(Path(conf_dir, "config.yaml")), key="model")
+                          file="command line" if chosen_here else str(Path(conf_dir, "config.yaml")), key="model")
     write_text(output, text)
     if output == config.PARAMS_FILE:
         declare_artifacts(cfg)
@@ -140,7 +140,7 @@ def build_verdicts(cfg: PipelineConfig, stale: set[str] = frozenset(),
 def compose_checked(overrides: list[str], conf_dir: str) -> PipelineConfig:
     """Compose params.yaml and check that the files it names exist (and that a model is named:
     a nightly of nothing would pass)."""
-    cfg = write_composed(overrides, conf_dir, require_model=True)
+    cfg = write_composed(overrides, conf_dir)
     config.check_inputs_exist(cfg, conf_dir)
     check_output_folders(cfg)
     return cfg

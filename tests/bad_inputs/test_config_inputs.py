@@ -234,15 +234,21 @@ def test_resolvers_cannot_copy_the_environment_into_the_config(tiny_project):
     assert "resolvers" in line
 
 
-@pytest.mark.parametrize("command", ["run", "nightly"])
+@pytest.mark.parametrize("command", ["run", "nightly", "compose"])
 def test_a_selection_of_no_model_is_refused_before_anything_is_written(tiny_project, command):
-    """A nightly of nothing would pass: `model=[]` is a one-line error, params.yaml untouched."""
-    params = (tiny_project / "params.yaml").read_bytes()
+    """A nightly of nothing would pass: `model=[]` is a one-line error, params.yaml and dvc.yaml
+    (its artifacts) untouched."""
+    before = {name: (tiny_project / name).read_bytes() for name in ("params.yaml", "dvc.yaml")}
     result = run(tiny_project, "litert-pipeline", command, "model=[]")
     assert result.returncode == EXIT_CONFIG
     assert result.stderr.strip().splitlines() == [
-        "error: conf/config.yaml: model: no model selected: nothing would be built (name one, e.g. 'model=[digits]')"]
-    assert (tiny_project / "params.yaml").read_bytes() == params
+        "error: command line: model: no model selected: nothing would be built (name one, e.g. 'model=[digits]')"]
+    # conf/config.yaml selecting none is named instead.
+    edit(tiny_project / "conf/config.yaml", "  - model: [digits]\n", "  - model: []\n")
+    result = run(tiny_project, "litert-pipeline", command)
+    assert result.returncode == EXIT_CONFIG and result.stderr.strip().splitlines()[-1].startswith(
+        "error: conf/config.yaml: model: no model selected")
+    assert {name: (tiny_project / name).read_bytes() for name in before} == before
 
 
 def test_a_dvc_sweep_checks_its_members_before_building_or_opening_a_run(tiny_project):
