@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import Iterator
 
 # Exit codes (documented in README.md).
@@ -31,7 +32,7 @@ class PipelineError(Exception):
     def one_line(self) -> str:
         where = ": ".join(part for part in (self.file, self.key) if part)
         text = f"{where}: {self.message}" if where else self.message
-        return " ".join(text.split())
+        return " ".join(printable(text).split())
 
 
 class ConfigError(PipelineError):
@@ -44,6 +45,11 @@ class InputError(PipelineError):
     """An input named by a valid config is missing, unreadable or malformed."""
 
     exit_code = EXIT_INPUT
+
+
+class RejectedSample(InputError):
+    """A sample the float model itself cannot run (a token id outside its vocabulary...): raised
+    where the data's origin is unknown; the caller names the dataset it came from."""
 
 
 class GateError(PipelineError):
@@ -68,6 +74,16 @@ class OutputError(PipelineError):
     """An output could not be written (disk full, file size limit, a folder that is a file...)."""
 
     exit_code = EXIT_OUTPUT
+
+
+# Terminal escape sequences (colours Keras puts in its messages, or ones a config value smuggles
+# in to rewrite an operator's screen).
+ESCAPE_SEQUENCE = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|[@-Z\\-_])")
+
+
+def printable(text: str) -> str:
+    """`text` without escape sequences, other control characters shown as '?'."""
+    return "".join(c if c.isprintable() or c.isspace() else "?" for c in ESCAPE_SEQUENCE.sub("", text))
 
 
 def first_line(exc: BaseException) -> str:

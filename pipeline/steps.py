@@ -5,15 +5,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-from typing import Any
+from typing import Any, Iterator
 
 from pipeline import datasets, layout
 from pipeline import quantize as quantize_backends
 from pipeline.build import Build, Model
 from pipeline.config import Backend
 from pipeline.convert import Converted, convert_float, converter_factory, converter_options
-from pipeline.errors import InputError, PipelineError
+from pipeline.errors import InputError, PipelineError, RejectedSample
 from pipeline.evaluate import Evaluation, evaluate, load_reference
 from pipeline.io import read_bytes, sha256_path
 from pipeline.sources import load_source, served_signature
@@ -56,6 +57,15 @@ def bind_representative(model: Model, samples: datasets.Samples, float_model: by
                          file=model.data_file("representative"))
 
 
+@contextlib.contextmanager
+def naming_the_data(model: Model, part: str = "representative") -> Iterator[None]:
+    """A sample the float model rejects is reported against the dataset it came from."""
+    try:
+        yield
+    except RejectedSample as exc:
+        raise RejectedSample(exc.message, file=model.data_file(part), key=model.data_key(part)) from None
+
+
 def check_disjoint(model: Model, pool: datasets.Samples, float_model: bytes) -> None:
     """Evaluation samples must not be calibration samples (unless the config allows it): the
     config check catches one dataset named twice; this catches the same samples in two files."""
@@ -86,7 +96,8 @@ def shared_calibration(model: Model, pool: datasets.Samples, float_model: bytes)
         samples = datasets.first(pool, ref.num_samples, key=model.key("representative", "num_samples"),
                                  file=str(model.paths.representative))
         samples = bind_representative(model, samples, float_model)
-        return quantize_backends.calibrate(float_model, samples, key=model.key("representative"))
+        with naming_the_data(model):
+            return quantize_backends.calibrate(float_model, samples, key=model.key("representative"))
     except PipelineError as exc:  # each static build calibrates inline and reports it under its own key
         return {CALIBRATION_UNAVAILABLE: exc.one_line()}
 
@@ -119,8 +130,9 @@ def quantize_build(build: Build) -> quantize_backends.QuantizedModel:
     if build.variant.backend is Backend.converter:
         config = build.model.config
         make_converter = converter_factory(load_source(config, build.model.name), config)
-    result = quantize_backends.quantize(float_model, build.variant, samples=samples, calibration=calibration,
-                                        make_converter=make_converter, key=build.variant_key)
+    with naming_the_data(build.model):
+        result = quantize_backends.quantize(float_model, build.variant, samples=samples, calibration=calibration,
+                                            make_converter=make_converter, key=build.variant_key)
     if result.info.get("num_calibration_samples") is not None:  # provenance names the calibration data
         result.info.update(representative_sha256=result.info["calibration_samples_sha256"],
                            representative_samples=result.info["num_calibration_samples"])

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline import datasets, layout, steps
+from pipeline import quantize as quantize_backends
 from pipeline.build import resolve_build, resolve_model
 from pipeline.config import (
     Backend, BuildConfig, ConversionConfig, ConverterMode, DataRef, DatasetConfig, DatasetType, ModelConfig, OpsSet,
@@ -267,6 +268,23 @@ def test_samples_the_source_rejects_are_an_input_error_naming_the_data(every_dty
     line = caught.value.one_line()
     assert line.startswith("evaluation.npz: dataset.evaluation: the source model fails on samples 0..31")
     assert "1000" in line
+
+
+def test_calibration_samples_the_float_model_rejects_are_an_input_error_naming_the_data(built):
+    """Not a failed calibration (exit 4 under the variant's key): bad data, named."""
+    model = resolve_model(built, "m")
+    float_model = model.paths.float_model.read_bytes()
+    pool = steps.representative_pool(model)
+    pool.inputs["token_ids"] = pool.inputs["token_ids"].copy()
+    pool.inputs["token_ids"][3, 2] = 1000  # outside the 50-word vocabulary
+    reason = steps.shared_calibration(model, pool, float_model)[steps.CALIBRATION_UNAVAILABLE]
+    assert reason.startswith("calibration.npz: dataset.calibration: calibration sample 3 (of the 16 drawn) does not "
+                             "run through the float model: RuntimeError: "), reason
+    samples = steps.bind_representative(model, datasets.first(pool, 16, key="k"), float_model)
+    with pytest.raises(InputError) as caught, steps.naming_the_data(model):
+        quantize_backends.quantize(float_model, built.quantization["static"], samples=samples, calibration=None,
+                                   make_converter=None, key="quantization.static")
+    assert caught.value.exit_code == 3 and caught.value.one_line() == reason
 
 
 def test_an_image_folder_feeds_one_input_and_labels_by_class_folder(tmp_path):

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from pipeline.config import LITERT_RECIPES, Backend, IoType, QuantizationConfig, check_recipe_entries
 from pipeline.datasets import Samples
-from pipeline.errors import ConfigError, GateError, InputError, first_line
+from pipeline.errors import ConfigError, GateError, InputError, RejectedSample, first_line
 from pipeline.io import read_regular_file
 
 Recipe = list[dict[str, Any]]
@@ -211,13 +211,29 @@ def _run_calibration(float_model: bytes, samples: Samples, recipe: Recipe, *, ke
     # Every recipe gets the range of every sample, as TFLiteConverter calibrates; the
     # algorithms' own statistics (GPTQ's Hessian, OSCAR's moments) merge as they define.
     manager = _recipe_manager(recipe)
+    index = 0
     try:
         model_calibrator = calibrator.Calibrator(float_model, qsv_update_func=full_range_update)
         for index in tqdm(range(len(samples)), desc="calibrating", unit="sample"):
             model_calibrator.calibrate({signature: [samples.sample(index)] for signature in signatures}, manager)
     except Exception as exc:  # interpreter errors (shape mismatch...) come as RuntimeError/ValueError
+        rejected = _float_model_error(float_model, samples.sample(index), signatures) if len(samples) else None
+        if rejected:  # the data's fault, not the recipe's
+            raise RejectedSample(f"calibration sample {index} (of the {len(samples)} drawn) does not run through the "
+                                 f"float model: {rejected}") from None
         raise GateError(f"LiteRT Quantizer calibration failed: {_describe(exc)}", key=key) from exc
     return model_calibrator.get_model_qsvs()
+
+
+def _float_model_error(float_model: bytes, sample: dict[str, np.ndarray], signatures: list[str]) -> str | None:
+    """Why the float model cannot run `sample` in the plain interpreter, or None if it can."""
+    try:
+        interpreter = Interpreter(model_content=float_model)
+        for signature in signatures:
+            interpreter.get_signature_runner(signature)(**sample)
+    except Exception as exc:  # the interpreter's errors: RuntimeError, ValueError
+        return _describe(exc)
+    return None
 
 
 def full_range_update(qsv: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:

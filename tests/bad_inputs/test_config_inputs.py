@@ -46,6 +46,13 @@ def test_unknown_key_names_the_conf_file(tiny_project):
     assert "unknown key" in line
 
 
+def test_terminal_escapes_in_a_value_do_not_reach_the_terminal(tiny_project):
+    """A value echoed in an error cannot clear or retitle the operator's terminal."""
+    edit(tiny_project / "conf/model/digits.yaml", "    runtime: play_services", '    runtime: "x\\e[2J\\e]0;owned\\a"')
+    line = fails_cleanly(tiny_project, COMPOSE, EXIT_CONFIG, "conf/model/digits.yaml", "model.digits.runtime")
+    assert "unknown runtime 'x0;owned?'" in line and "\x1b" not in line
+
+
 def test_wrong_type(tiny_project):
     set_params(tiny_project, {"model.digits.representative.num_samples": "many"})
     fails_cleanly(tiny_project, stage("representative", "digits"), EXIT_CONFIG, "params.yaml",
