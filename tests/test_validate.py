@@ -403,3 +403,10 @@ def test_the_benchmark_tools_failure_on_ids_says_why():
     result = benchmark_tool(tflite, signature=None, num_threads=1, runs=1, warmup=1)
     assert "latency" not in result
     assert "feeds integer inputs (ids) random values in -128..127" in result["error"], result
+    # int64 ids: the tool's CompiledModel takes no such input at all; the values are not to blame.
+    ids64 = tf.TensorSpec([1, 4], tf.int64, name="ids")
+    table = tf.constant([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+    gather = tf.function(lambda ids: {"y": tf.reduce_sum(tf.gather(table, ids), axis=1)}, input_signature=[ids64])
+    tflite = tf.lite.TFLiteConverter.from_concrete_functions([gather.get_concrete_function()]).convert()
+    result = benchmark_tool(tflite, signature=None, num_threads=1, runs=1, warmup=1)
+    assert "Unsupported dtype: int64" in result["error"] and "random values" not in result["error"], result

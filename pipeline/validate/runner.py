@@ -282,7 +282,7 @@ def benchmark_tool(model: bytes, *, signature: str | None, num_threads: int, run
                 integers = [t.name for t in signature_of(model, signature).inputs if t.dtype.startswith(("int", "uint"))]
             except InputError:  # not a model the tool could read at all
                 integers = []
-            if integers:  # ids (an embedding's, say) out of range fail the invoke
+            if integers and "Unsupported dtype" not in error:  # ids (an embedding's, say) out of range fail the invoke
                 error += (f" (the tool feeds integer inputs ({', '.join(integers)}) random values in -128..127, "
                           "which this model may not accept; the latency gates are measured on the evaluation samples)")
             return {"tool": BENCHMARK_TOOL, "error": error}
