@@ -219,7 +219,8 @@ class DatasetConfig:
     """Samples from files: an `.npz` file, or a folder of images.
 
     npz: `inputs` maps each model input (signature name) to an array of the file and `labels`
-    each labelled output to its labels (integers: classes; floats: regression targets). A
+    each labelled output to its labels (integers: class indices, or 0/1 per unit of a one-unit or
+    multi-label output; floats: regression targets). A
     one-input model may use `inputs_key` (and `labels_key` for its only output) instead.
     images: the files feed the model's only input; with `labels_key` set (any name, e.g.
     `classes`), class sub-folders in sorted order label its only output.

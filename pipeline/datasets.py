@@ -46,7 +46,8 @@ class TensorInfo:
 class Samples:
     """Model inputs by name (first axis = sample), with labels by output name.
 
-    Integer labels are class indices; float labels are regression targets.
+    Integer (or boolean) labels are classes: a class index per sample, or 0/1 per unit of a
+    one-unit or multi-label output; float labels are regression targets.
     """
 
     inputs: dict[str, np.ndarray]
@@ -99,7 +100,7 @@ def materialize(dataset: DatasetConfig | GeneratorConfig, *, key: str) -> Sample
             raise InputError("contains NaN or Inf values", file=file, key=where)
     for name, array in samples.labels.items():
         where = _array_key(dataset, key, name, LABEL)
-        if array.ndim == 0 or array.dtype.kind not in "fiu":
+        if array.ndim == 0 or array.dtype.kind not in "fiub":
             raise InputError(f"labels must be an array of class indices or numbers, not {array.dtype} of shape "
                              f"{array.shape}", file=file, key=where)
         if array.dtype.kind == "f" and not np.isfinite(array).all():
@@ -251,10 +252,20 @@ def bind(samples: Samples, inputs: list[TensorInfo], outputs: list[TensorInfo], 
     for name, labels in named_labels.items():
         classes = next((t.shape[-1] for t in outputs if t.name == name and t.shape), None)
         where = f"{key}.labels_key" if ONLY in samples.labels else f"{key}.labels.{name}"
-        if labels.dtype.kind in "iu" and labels.size and classes not in (None, -1, 1):
-            if int(labels.min()) < 0 or int(labels.max()) >= classes:
-                raise InputError(f"class labels {int(labels.min())}..{int(labels.max())} for the {classes} classes of "
-                                 f"output '{name}'", file=file, key=where)
+        if labels.dtype.kind not in "iub" or not labels.size:
+            continue  # regression targets
+        per_sample = labels.reshape(len(labels), -1).shape[1]
+        if per_sample > 1 or classes == 1:  # multi-hot rows, or a one-unit (binary) output's 0/1
+            if per_sample > 1 and classes not in (None, -1, per_sample):
+                raise InputError(f"{per_sample} labels per sample for the {classes} units of output '{name}': "
+                                 "multi-label rows have one 0/1 label per unit", file=file, key=where)
+            if not np.isin(labels, (0, 1)).all():
+                raise InputError(f"labels {int(labels.min())}..{int(labels.max())} for output '{name}', which has "
+                                 f"{'one unit' if per_sample == 1 else 'a unit per label'}: 0 or 1 expected",
+                                 file=file, key=where)
+        elif classes not in (None, -1) and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+            raise InputError(f"class labels {int(labels.min())}..{int(labels.max())} for the {classes} classes of "
+                             f"output '{name}'", file=file, key=where)
     specs = {t.name: t for t in inputs}
     short = ONLY in samples.inputs  # the config's inputs_key names the array
     return Samples({name: conform(array, specs[name], key=f"{key}.inputs_key" if short else f"{key}.inputs.{name}",

@@ -70,18 +70,34 @@ def _tensorflow_reason(exc: Exception) -> str:
 
 
 def class_labels(labels: np.ndarray) -> bool:
-    """Integer labels are class indices (accuracy applies); float labels are regression targets."""
-    return labels.dtype.kind in "iu"
+    """Integer (or boolean) labels are classes (accuracy applies); float labels are regression targets."""
+    return labels.dtype.kind in "iub"
 
 
-def top1_accuracy(outputs: np.ndarray, labels: np.ndarray) -> float:
-    return float(np.mean(np.argmax(outputs.reshape(len(labels), -1), axis=1) == labels))
+def decision_threshold(values: np.ndarray) -> float:
+    """Where a one-unit or multi-label output says yes: 0.5 for probabilities (a sigmoid's), 0
+    for logits."""
+    return 0.5 if values.size and float(values.min()) >= 0.0 and float(values.max()) <= 1.0 else 0.0
 
 
-def accuracies(outputs: dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> dict[str, float]:
-    """Top-1 accuracy of each output labelled with classes."""
-    return {name: top1_accuracy(outputs[name], values) for name, values in labels.items()
-            if class_labels(values) and name in outputs}
+def accuracy(outputs: np.ndarray, labels: np.ndarray, threshold: float) -> float:
+    """Against one class index per sample, top-1 accuracy; against 0/1 labels for each unit of
+    the output (a binary classifier's one unit, a multi-label output's multi-hot rows), the share
+    of units on the right side of `threshold` (`datasets.bind` checked the shapes)."""
+    scores, truth = outputs.reshape(len(labels), -1), labels.reshape(len(labels), -1)
+    if truth.shape[1] == 1 and scores.shape[1] > 1:
+        return float(np.mean(np.argmax(scores, axis=1) == truth[:, 0]))
+    return float(np.mean((scores > threshold) == (truth > 0)))
+
+
+def accuracies(outputs: dict[str, np.ndarray], labels: dict[str, np.ndarray],
+               reference: dict[str, np.ndarray] | None = None) -> dict[str, float]:
+    """Accuracy of each output labelled with classes; a one-unit or multi-label output is read
+    at the threshold the `reference` outputs (the source's; default: `outputs`) call for, so a
+    quantized model is read as its source is."""
+    reference = outputs if reference is None else reference
+    return {name: accuracy(outputs[name], values, decision_threshold(reference[name]))
+            for name, values in labels.items() if class_labels(values) and name in outputs}
 
 
 def host_support(uses: list[OpUse]) -> dict:

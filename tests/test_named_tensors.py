@@ -303,3 +303,35 @@ def test_an_image_folder_feeds_one_input_and_labels_by_class_folder(tmp_path):
     unlabelled = datasets.materialize(DatasetConfig(type=DatasetType.images, path=str(tmp_path / "photos" / "cat")),
                                       key="dataset.cats")
     assert len(unlabelled) == 3 and unlabelled.labels == {}
+
+
+def test_binary_and_multi_label_outputs_are_scored_per_unit_at_the_sources_threshold():
+    """A one-unit sigmoid scored by argmax was always 'class 0'; multi-hot rows were not scored."""
+    from pipeline.evaluate import accuracies
+
+    tags = np.array([[1, 0, 1], [0, 1, 0]])
+    probabilities = np.array([[0.9, 0.2, 0.6], [0.4, 0.7, 0.1]])  # every unit right at 0.5
+    assert accuracies({"tags": probabilities}, {"tags": tags}) == {"tags": 1.0}
+    logits = np.array([[2.0, -1.0, -0.5], [-3.0, 1.0, -2.0]])  # 5 of 6 right at 0
+    assert accuracies({"tags": logits}, {"tags": tags.astype(bool)})["tags"] == pytest.approx(5 / 6)
+    binary, truth = np.array([[0.8], [0.3], [0.6], [0.1]]), np.array([1, 0, 0, 0])  # 3 of 4
+    assert accuracies({"p": binary}, {"p": truth}) == {"p": 0.75}
+    # A quantized model is read at its source's threshold: an output nudged past 1 is still a probability.
+    nudged = np.array([[1.01], [0.3], [0.6], [0.1]])
+    assert accuracies({"p": nudged}, {"p": truth}, reference={"p": binary}) == {"p": 0.75}
+    assert accuracies({"c": np.array([[0.1, 0.9], [0.8, 0.2]])}, {"c": np.array([1, 1])}) == {"c": 0.5}  # top-1
+
+
+@pytest.mark.parametrize(("labels", "outputs", "words"), [
+    (np.array([[1, 0, 1], [0, 1, 2]]), [None, 3], "labels 0..2 for output 'y', which has a unit per label: 0 or 1"),
+    (np.array([[1, 0, 1, 0], [0, 1, 0, 0]]), [None, 3], "4 labels per sample for the 3 units of output 'y'"),
+    (np.array([1, 2]), [None, 1], "labels 1..2 for output 'y', which has one unit: 0 or 1 expected"),
+    (np.array([0, 3]), [None, 3], "class labels 0..3 for the 3 classes of output 'y'"),
+])
+def test_labels_that_cannot_score_their_output_are_an_input_error(labels, outputs, words):
+    samples = datasets.Samples({"x": np.zeros((2, 2), np.float32)}, {"y": labels})
+    with pytest.raises(InputError) as caught:
+        datasets.bind(samples, [datasets.TensorInfo("x", [None, 2], "float32")],
+                      [datasets.TensorInfo("y", outputs, "float32")], key="dataset.d", file="d.npz")
+    line = caught.value.one_line()
+    assert line.startswith("d.npz: dataset.d.labels.y: ") and words in line, line

@@ -186,7 +186,7 @@ def accuracy_metrics(model_outputs: dict[str, np.ndarray], reference: dict[str, 
                      labels: dict[str, np.ndarray], outputs: dict[str, dict[str, float]]) -> dict[str, float]:
     """Top-1 accuracy of each class-labelled output, added to its row in `outputs`; the metrics
     are the worst output's (the largest drop), so one gate covers every head."""
-    model_accuracy, source_accuracy = accuracies(model_outputs, labels), accuracies(reference, labels)
+    model_accuracy, source_accuracy = accuracies(model_outputs, labels, reference), accuracies(reference, labels)
     drops = {}
     for output, value in model_accuracy.items():
         outputs[output].update(accuracy=value, source_accuracy=source_accuracy[output],
