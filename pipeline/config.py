@@ -1308,7 +1308,8 @@ def _walk(node: Any, key: str) -> tuple[Any, str, int]:
             if not keys:
                 break
             key_found = max(keys, key=len)
-            node, remaining = node[key_found], remaining[len(key_found):].lstrip(".")
+            rest = remaining[len(key_found):]
+            node, remaining = node[key_found], rest[1:] if rest.startswith(".") else rest  # names may start with dots
         depth += 1
     return node, remaining, depth
 

@@ -53,6 +53,15 @@ def test_terminal_escapes_in_a_value_do_not_reach_the_terminal(tiny_project):
     assert "unknown runtime 'x0;owned?'" in line and "\x1b" not in line
 
 
+def test_a_bad_model_name_names_the_file_that_declares_it(tiny_project):
+    """Dots that start a name are the name's: the error named the first model file instead."""
+    text = (tiny_project / "conf/model/digits.yaml").read_text()
+    (tiny_project / "conf/model/zz.yaml").write_text(
+        text.replace("  digits:", "  ../x:").replace("model: digits", "model: ../x").replace("digits-", "../x-")
+        .replace("  digits: {max", "  ../x: {max"))
+    fails_cleanly(tiny_project, [*COMPOSE, "model=[digits,zz]"], EXIT_CONFIG, "conf/model/zz.yaml: model.../x: names use")
+
+
 def test_wrong_type(tiny_project):
     set_params(tiny_project, {"model.digits.representative.num_samples": "many"})
     fails_cleanly(tiny_project, stage("representative", "digits"), EXIT_CONFIG, "params.yaml",
