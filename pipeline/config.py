@@ -935,13 +935,16 @@ def _within(value: float, low: float, high: float, file: str, key: str) -> None:
 
 
 def _number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else f"{value:g}"
+    if isinstance(value, int):  # as written (Python refuses to print ints of over 4,300 digits)
+        return str(value) if abs(value) < 10**30 else f"a number of about {int(value.bit_length() * 0.30103) + 1} digits"
+    return str(int(value)) if value.is_integer() and abs(value) < 1e15 else f"{value:g}"
 
 
 # YAML is read whole and expanded by OmegaConf: bound both (anchors and aliases can make a
 # small file expand to billions of nodes).
 MAX_YAML_BYTES = 8 << 20
 MAX_YAML_NODES = 1_000_000
+MAX_INT_DIGITS = 100
 
 
 def read_yaml_text(path: str | Path) -> str:
@@ -974,6 +977,10 @@ def read_yaml_text(path: str | Path) -> str:
                               "an alias inside the node it refers to", file=file)
         if id(node) not in sizes:
             inside.add(id(node))
+            if isinstance(node, yaml.ScalarNode) and node.tag.endswith(":int") and len(node.value) > MAX_INT_DIGITS:
+                # Python refuses to read an int of over 4,300 digits: a traceback, not an error line
+                raise ConfigError(f"malformed YAML: line {node.start_mark.line + 1}, column {node.start_mark.column + 1}: "
+                                  f"an integer of {len(node.value):,} characters", file=file)
             if isinstance(node, yaml.MappingNode):  # PyYAML keeps the last of two equal keys silently
                 seen: set[str] = set()
                 for key, _ in node.value:

@@ -25,8 +25,9 @@ def edit(path: Path, old: str, new: str) -> None:
         ("model: {digits: [\n", "malformed YAML"),
         (b"\xff\xfemodel: {}\n", "not UTF-8 text"),
         ("- a list\n- not a mapping\n", "a mapping of keys to values is expected"),
+        ("model: {digits: {seed: " + "9" * 5000 + "}}\n", "line 1, column 24: an integer of 5,000 characters"),
     ],
-    ids=["malformed_yaml", "not_utf8", "not_a_mapping"],
+    ids=["malformed_yaml", "not_utf8", "not_a_mapping", "huge_integer"],
 )
 def test_unreadable_params(tiny_project, text, words):
     path = tiny_project / "params.yaml"
@@ -60,6 +61,15 @@ def test_a_bad_model_name_names_the_file_that_declares_it(tiny_project):
         text.replace("  digits:", "  ../x:").replace("model: digits", "model: ../x").replace("digits-", "../x-")
         .replace("  digits: {max", "  ../x: {max"))
     fails_cleanly(tiny_project, [*COMPOSE, "model=[digits,zz]"], EXIT_CONFIG, "conf/model/zz.yaml: model.../x: names use")
+
+
+def test_numbers_out_of_range_are_shown_as_written(tiny_project):
+    edit(tiny_project / "conf/model/digits.yaml", "seed: 0}", "seed: 100000000000000000000000}")
+    line = fails_cleanly(tiny_project, COMPOSE, EXIT_CONFIG, "conf/model/digits.yaml", "model.digits.representative.seed")
+    assert line.endswith("must be between 0 and 4294967295, not 100000000000000000000000")
+    edit(tiny_project / "conf/model/digits.yaml", "seed: 100000000000000000000000}", "seed: " + "9" * 5000 + "}")
+    line = fails_cleanly(tiny_project, COMPOSE, EXIT_CONFIG, "conf/model/digits.yaml")
+    assert "an integer of 5,000 characters" in line
 
 
 def test_wrong_type(tiny_project):
