@@ -52,12 +52,14 @@ def to_markdown(report: dict[str, Any]) -> str:
             + f", signature `{run['signature']}`, batch size {run['batch_size']}"
             + (" (outputs depend on the batch: evaluated one sample at a time, as on device)"
                if run["batch_dependent"] else "")
-            + ". Cosine is the mean of per-sample cosines (worst sample alongside); SNR is global.",
+            + ". Cosine is the mean of per-sample cosines (worst sample alongside); SNR is global. Accuracy is "
+            "top-1 against class indices, and the share of units right at the source's threshold against 0/1 labels "
+            "(a one-unit or multi-label output).",
             "",
         ]
         lines += _table(
             ["output", "cosine", "worst-sample cosine", "SNR dB", "max abs error", "mean abs error", "NaN/Inf",
-             "top-1 accuracy", "source accuracy"],
+             "accuracy", "source accuracy"],
             [[name, o["cosine"], o["cosine_min"], o["snr_db"], o["max_abs_error"], o["mean_abs_error"],
               o["non_finite_values"], o.get("accuracy"), o.get("source_accuracy")]
              for name, o in report["outputs"].items()],
