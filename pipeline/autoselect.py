@@ -186,7 +186,8 @@ class _Search:
                 self._statistics[spec] = statistics_from(calibration, self.float_model, recipe, key=key)
             else:
                 samples = steps.representative_samples(build, self.float_model)
-                self._statistics[spec] = calibrate_recipe(self.float_model, recipe, build.variant, samples, key=key)
+                with steps.naming_the_data(build.model):
+                    self._statistics[spec] = calibrate_recipe(self.float_model, recipe, build.variant, samples, key=key)
         return self._statistics[spec]
 
     def _delivered(self, build: Build, quantized: QuantizedModel) -> bytes:

@@ -463,7 +463,7 @@ def check_numbers(node: Any, key: str, file: str) -> None:
             item_key = where if item is None else f"{where}.{item}" if isinstance(value, dict) else f"{where}[{item}]"
             if number is None:
                 continue
-            if not math.isfinite(number):
+            if isinstance(number, float) and not math.isfinite(number):  # (an int of 400 digits is no float)
                 raise ConfigError(f"must be a finite number, not {number}", file=file, key=item_key)
             _within(number, *bounds, file, item_key)
 
@@ -1240,6 +1240,10 @@ def compose_typed(overrides: list[str] | None = None, conf_dir: str | Path = CON
     from omegaconf.errors import OmegaConfBaseException
 
     conf_path = Path(conf_dir).resolve()
+    for override in overrides or []:  # Hydra's int() refuses over 4,300 digits with a ValueError
+        digits = max((len(run) for run in re.findall(r"\d+", override)), default=0)
+        if digits > MAX_INT_DIGITS:
+            raise ConfigError(f"an integer of {digits:,} digits", file="command line", key=override.split("=", 1)[0])
     for conf_file in sorted(Path(conf_dir).rglob("*.yaml")):  # Hydra reads them whole: bound them first
         read_yaml_text(conf_file)
     _check_one_owner_per_key(Path(conf_dir))

@@ -250,14 +250,17 @@ def bind(samples: Samples, inputs: list[TensorInfo], outputs: list[TensorInfo], 
     named_labels = _by_name(samples.labels, [t.name for t in outputs], role="output", key=f"{key}.labels", file=file,
                             complete=False)
     for name, labels in named_labels.items():
-        classes = next((t.shape[-1] for t in outputs if t.name == name and t.shape), None)
+        shape = next((list(t.shape) for t in outputs if t.name == name), None)
+        classes = shape[-1] if shape else None
+        dims = shape[1:] if shape else None
+        units = int(np.prod(dims)) if dims is not None and all(d and d > 0 for d in dims) else None
         where = f"{key}.labels_key" if ONLY in samples.labels else f"{key}.labels.{name}"
         if labels.dtype.kind not in "iub" or not labels.size:
             continue  # regression targets
         per_sample = labels.reshape(len(labels), -1).shape[1]
-        if per_sample > 1 or classes == 1:  # multi-hot rows, or a one-unit (binary) output's 0/1
-            if per_sample > 1 and classes not in (None, -1, per_sample):
-                raise InputError(f"{per_sample} labels per sample for the {classes} units of output '{name}': "
+        if per_sample > 1 or units == 1:  # multi-hot rows, or a one-unit (binary) output's 0/1
+            if per_sample > 1 and units not in (None, per_sample):
+                raise InputError(f"{per_sample} labels per sample for the {units} units of output '{name}': "
                                  "multi-label rows have one 0/1 label per unit", file=file, key=where)
             if not np.isin(labels, (0, 1)).all():
                 raise InputError(f"labels {int(labels.min())}..{int(labels.max())} for output '{name}', which has "

@@ -81,10 +81,14 @@ def decision_threshold(values: np.ndarray) -> float:
 
 
 def accuracy(outputs: np.ndarray, labels: np.ndarray, threshold: float) -> float:
-    """Against one class index per sample, top-1 accuracy; against 0/1 labels for each unit of
-    the output (a binary classifier's one unit, a multi-label output's multi-hot rows), the share
-    of units on the right side of `threshold` (`datasets.bind` checked the shapes)."""
+    """Against one class index per sample (or one-hot rows), top-1 accuracy; against 0/1 labels
+    for each unit of the output (a binary classifier's one unit, a multi-label output's multi-hot
+    rows), the share of units on the right side of `threshold` (`datasets.bind` checked the shapes)."""
     scores, truth = outputs.reshape(len(labels), -1), labels.reshape(len(labels), -1)
+    if truth.shape[1] > 1 and (truth.astype(np.int64).sum(axis=1) == 1).all():
+        # One-hot rows are class indices written out: per unit, a softmax over 1000 classes
+        # wrong on every sample would still score 0.998.
+        truth = np.argmax(truth, axis=1)[:, None]
     if truth.shape[1] == 1 and scores.shape[1] > 1:
         return float(np.mean(np.argmax(scores, axis=1) == truth[:, 0]))
     return float(np.mean((scores > threshold) == (truth > 0)))

@@ -15,7 +15,15 @@ Arrays = dict[str, np.ndarray]
 
 
 def _labelled(outputs: Arrays, labels: Arrays, *, kind: str, what: str) -> list[str]:
-    names = [name for name, values in sorted(labels.items()) if values.dtype.kind in kind and name in outputs]
+    """The outputs labelled with class indices (one per sample, for an output of several units:
+    not a one-unit or multi-label output's 0/1 labels), or with float targets (`kind` "f")."""
+    def fits(name: str, values: np.ndarray) -> bool:
+        if values.dtype.kind not in kind or name not in outputs:
+            return False
+        per_sample, units = (array.reshape(len(values), -1).shape[1] for array in (values, outputs[name]))
+        return kind == "f" or (per_sample == 1 and units > 1)
+
+    names = [name for name, values in sorted(labels.items()) if fits(name, values)]
     if not names:
         raise ValueError(f"{what} needs an output labelled with {'class indices' if kind == 'iu' else 'targets'}")
     return names

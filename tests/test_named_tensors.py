@@ -285,6 +285,11 @@ def test_calibration_samples_the_float_model_rejects_are_an_input_error_naming_t
         quantize_backends.quantize(float_model, built.quantization["static"], samples=samples, calibration=None,
                                    make_converter=None, key="quantization.static")
     assert caught.value.exit_code == 3 and caught.value.one_line() == reason
+    # Every sample rejected: the model or all of the data; not one sample's fault.
+    pool.inputs["token_ids"][:, 2] = 1000
+    reason = steps.shared_calibration(model, pool, float_model)[steps.CALIBRATION_UNAVAILABLE]
+    assert reason.startswith("model.m.representative: LiteRT Quantizer calibration failed: RuntimeError: gather index")
+    assert reason.endswith("the float model itself runs none of the samples tried (the model, or all of the data)")
 
 
 def test_an_image_folder_feeds_one_input_and_labels_by_class_folder(tmp_path):
@@ -320,6 +325,19 @@ def test_binary_and_multi_label_outputs_are_scored_per_unit_at_the_sources_thres
     nudged = np.array([[1.01], [0.3], [0.6], [0.1]])
     assert accuracies({"p": nudged}, {"p": truth}, reference={"p": binary}) == {"p": 0.75}
     assert accuracies({"c": np.array([[0.1, 0.9], [0.8, 0.2]])}, {"c": np.array([1, 1])}) == {"c": 0.5}  # top-1
+    # One-hot rows are class indices: per unit, wrong on every sample would still score 1 - 2/K.
+    softmax = np.array([[0.1, 0.7, 0.2], [0.6, 0.3, 0.1]])
+    assert accuracies({"c": softmax}, {"c": np.array([[0, 1, 0], [0, 0, 1]])}) == {"c": 0.5}
+
+
+def test_top5_and_macro_f1_read_class_index_outputs_only():
+    from pipeline.task_metrics import macro_f1, top5_accuracy
+
+    one_unit = {"p": np.array([[0.9], [0.2]])}
+    for metric in (macro_f1, top5_accuracy):  # argmax of one unit is always 0: it would never drop
+        with pytest.raises(ValueError, match="needs an output labelled with class indices"):
+            metric(one_unit, {"p": np.array([1, 0])})
+    assert macro_f1({"c": np.array([[0.2, 0.8], [0.9, 0.1]])}, {"c": np.array([1, 0])}) == 1.0
 
 
 @pytest.mark.parametrize(("labels", "outputs", "words"), [
@@ -327,6 +345,7 @@ def test_binary_and_multi_label_outputs_are_scored_per_unit_at_the_sources_thres
     (np.array([[1, 0, 1, 0], [0, 1, 0, 0]]), [None, 3], "4 labels per sample for the 3 units of output 'y'"),
     (np.array([1, 2]), [None, 1], "labels 1..2 for output 'y', which has one unit: 0 or 1 expected"),
     (np.array([0, 3]), [None, 3], "class labels 0..3 for the 3 classes of output 'y'"),
+    (np.ones((2, 2, 4), np.int64), [None, 3, 2], "8 labels per sample for the 6 units of output 'y'"),
 ])
 def test_labels_that_cannot_score_their_output_are_an_input_error(labels, outputs, words):
     samples = datasets.Samples({"x": np.zeros((2, 2), np.float32)}, {"y": labels})
@@ -335,3 +354,15 @@ def test_labels_that_cannot_score_their_output_are_an_input_error(labels, output
                       [datasets.TensorInfo("y", outputs, "float32")], key="dataset.d", file="d.npz")
     line = caught.value.one_line()
     assert line.startswith("d.npz: dataset.d.labels.y: ") and words in line, line
+
+
+@pytest.mark.parametrize(("labels", "outputs"), [
+    (np.array([[1, 0, 1, 0, 0], [0, 1, 1, 0, 1]]), [None, 5, 1]),
+    (np.array([[[1, 0, 1], [0, 1, 0]], [[0, 0, 1], [1, 1, 0]]]), [None, 2, 3]),
+    (np.array([True, False]), [None]),
+])
+def test_multi_label_rows_shaped_as_their_output_are_accepted(labels, outputs):
+    samples = datasets.Samples({"x": np.zeros((2, 2), np.float32)}, {"y": labels})
+    bound = datasets.bind(samples, [datasets.TensorInfo("x", [None, 2], "float32")],
+                          [datasets.TensorInfo("y", outputs, "float32")], key="dataset.d")
+    assert bound.labels["y"] is labels

@@ -218,11 +218,22 @@ def _run_calibration(float_model: bytes, samples: Samples, recipe: Recipe, *, ke
             model_calibrator.calibrate({signature: [samples.sample(index)] for signature in signatures}, manager)
     except Exception as exc:  # interpreter errors (shape mismatch...) come as RuntimeError/ValueError
         rejected = _float_model_error(float_model, samples.sample(index), signatures) if len(samples) else None
-        if rejected:  # the data's fault, not the recipe's
+        if rejected and _runs_some_sample(float_model, samples, signatures, index):  # the data's fault, not the model's
             raise RejectedSample(f"calibration sample {index} (of the {len(samples)} drawn) does not run through the "
                                  f"float model: {rejected}") from None
-        raise GateError(f"LiteRT Quantizer calibration failed: {_describe(exc)}", key=key) from exc
+        neither = "; the float model itself runs none of the samples tried (the model, or all of the data)" if rejected else ""
+        raise GateError(f"LiteRT Quantizer calibration failed: {_describe(exc)}{neither}", key=key) from exc
     return model_calibrator.get_model_qsvs()
+
+
+def _runs_some_sample(float_model: bytes, samples: Samples, signatures: list[str], failed: int) -> bool:
+    """Whether the float model runs other samples than `failed`: the samples before it (they
+    calibrated), else one of the next few (a model that runs none, e.g. with an unresolved
+    custom op, is not the data's fault)."""
+    if failed > 0:
+        return True
+    return any(_float_model_error(float_model, samples.sample(index), signatures) is None
+               for index in range(1, min(len(samples), 8)))
 
 
 def _float_model_error(float_model: bytes, sample: dict[str, np.ndarray], signatures: list[str]) -> str | None:

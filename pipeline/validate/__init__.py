@@ -184,7 +184,7 @@ def output_metrics(run_outputs: dict[str, np.ndarray], reference: dict[str, np.n
 
 def accuracy_metrics(model_outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray],
                      labels: dict[str, np.ndarray], outputs: dict[str, dict[str, float]]) -> dict[str, float]:
-    """Top-1 accuracy of each class-labelled output, added to its row in `outputs`; the metrics
+    """Accuracy of each class-labelled output (`evaluate.accuracy`), added to its row in `outputs`; the metrics
     are the worst output's (the largest drop), so one gate covers every head."""
     model_accuracy, source_accuracy = accuracies(model_outputs, labels, reference), accuracies(reference, labels)
     drops = {}

@@ -70,6 +70,9 @@ def test_numbers_out_of_range_are_shown_as_written(tiny_project):
     edit(tiny_project / "conf/model/digits.yaml", "seed: 100000000000000000000000}", "seed: " + "9" * 5000 + "}")
     line = fails_cleanly(tiny_project, COMPOSE, EXIT_CONFIG, "conf/model/digits.yaml")
     assert "an integer of 5,000 characters" in line
+    for digits in (401, 5000):  # a float overflow, and Python's int() limit, on the command line
+        line = fails_cleanly(tiny_project, [*COMPOSE, "model.digits.evaluation.seed=1" + "0" * (digits - 1)], EXIT_CONFIG)
+        assert line == f"error: command line: model.digits.evaluation.seed: an integer of {digits:,} digits"
 
 
 def test_wrong_type(tiny_project):
