@@ -1490,11 +1490,17 @@ def _conf_file_defining(conf_dir: Path, full_key: str | None, *, with_value: boo
 
 
 def plain(obj: Any) -> Any:
-    """A config dataclass as plain JSON-able data (enums as strings)."""
-    from omegaconf import OmegaConf
-
-    if hasattr(obj, "__dataclass_fields__"):
-        return OmegaConf.to_container(OmegaConf.structured(obj), enum_to_str=True)
+    """A config dataclass as plain JSON-able data (enums by name), as OmegaConf's
+    `to_container(structured(obj), enum_to_str=True)` gives it for a validated config, in a
+    fraction of the time (1.5 s of `compose` at 50 models went to OmegaConf's walk)."""
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return {name: plain(getattr(obj, name)) for name in obj.__dataclass_fields__}
+    if isinstance(obj, Enum):
+        return obj.name
+    if isinstance(obj, dict):
+        return {key: plain(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(value) for value in obj]
     return obj
 
 

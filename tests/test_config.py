@@ -435,3 +435,16 @@ def test_a_bad_value_from_the_command_line_is_not_blamed_on_a_conf_file():
     with pytest.raises(ConfigError) as caught:
         config.compose(["model=[digits"], conf_dir=ROOT / "conf")  # not Hydra's grammar
     assert caught.value.file == "command line"
+
+
+def test_plain_is_omegaconfs_container_of_every_example(tmp_path):
+    """`plain` walks the dataclasses itself (OmegaConf's walk took 1.5 s of `compose` at 50
+    models): the same data, so config hashes and tracked params are unchanged."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(all_examples_params()))
+    cfg = config.load(path)
+    for part in [cfg, *cfg.model.values(), *cfg.quantization.values(), *cfg.validation.values()]:
+        assert config.plain(part) == OmegaConf.to_container(OmegaConf.structured(part), enum_to_str=True)
