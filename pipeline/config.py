@@ -1380,8 +1380,8 @@ def _check_one_owner_per_key(conf_dir: Path) -> None:
         text = read_yaml_text(file)
         group = relative.parts[:-1]
         prefix = _package_prefix(text, group)
-        try:
-            node = yaml.safe_load(text) or {}
+        try:  # libyaml: PyYAML's own parser took 0.4 s of `compose` at 50 models
+            node = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}
         except yaml.YAMLError:
             continue  # Hydra reports it, naming the file
         leaves = list(_leaves(node, prefix))
