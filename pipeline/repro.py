@@ -263,6 +263,13 @@ def summary(cfg: PipelineConfig, verdicts: list[Verdict]) -> str:
         size = f"{delivered.stat().st_size / 1024:,.1f} KB" if delivered.is_file() else "-"
         rows.append(f"  {v.build:<36} {v.verdict:<20} {size:>11}  {delivered}")
     passed = sum(v.verdict.startswith("passed") for v in verdicts)
+    # DVC leaves the outputs of stages no longer in dvc.yaml: a removed build's model stays.
+    delivered = {v.paths.delivered for v in verdicts}
+    folders = sorted({path.parent for path in delivered})
+    left = sorted(path for folder in folders if folder.is_dir() for path in folder.glob("*.tflite") if path not in delivered)
+    if left:
+        rows.append(f"  left from builds no longer configured (nothing builds or validates them): "
+                    f"{', '.join(map(str, left))}")
     uri = tracking.tracking_uri(cfg.tracking) if cfg.tracking.enabled else None
     ui = (f"{BIN / 'mlflow'} ui --backend-store-uri {uri}" if uri and uri.startswith("sqlite:")
           else tracking.shown(uri) if uri else "tracking is off")

@@ -66,3 +66,8 @@ def test_the_summary_gives_verdicts_only_for_the_bytes_they_were_made_on(tmp_pat
     lines = {line.split()[0]: line for line in repro.summary(cfg, verdicts).splitlines()[1:] if line.startswith("  ")}
     assert "out of date" in lines[name] and "not validated" in lines["-".join(stale)]
     assert repro.summary(cfg, verdicts).splitlines()[0].startswith("builds: 0 of ")
+    # A build removed from the config leaves its model: named as such, not as a build.
+    layout.BuildPaths.of(passed[0], "gone").delivered.write_bytes(b"old")
+    last_row = [line for line in repro.summary(cfg, verdicts).splitlines() if line.startswith("  ")][-1]
+    assert last_row == (f"  left from builds no longer configured (nothing builds or validates them): "
+                        f"models/{passed[0]}/gone.tflite")
