@@ -264,8 +264,8 @@ def bind(samples: Samples, inputs: list[TensorInfo], outputs: list[TensorInfo], 
                                  "multi-label rows have one 0/1 label per unit", file=file, key=where)
             if not np.isin(labels, (0, 1)).all():
                 raise InputError(f"labels {int(labels.min())}..{int(labels.max())} for output '{name}', which has "
-                                 f"{'one unit' if per_sample == 1 else 'a unit per label'}: 0 or 1 expected",
-                                 file=file, key=where)
+                                 f"{'one unit' if per_sample == 1 else 'a unit per label'}: 0 or 1 expected "
+                                 "(store regression targets as floats)", file=file, key=where)
         elif classes not in (None, -1) and (int(labels.min()) < 0 or int(labels.max()) >= classes):
             raise InputError(f"class labels {int(labels.min())}..{int(labels.max())} for the {classes} classes of "
                              f"output '{name}'", file=file, key=where)
