@@ -74,6 +74,13 @@ def class_labels(labels: np.ndarray) -> bool:
     return labels.dtype.kind in "iub"
 
 
+def indexes_classes(labels: np.ndarray, outputs: np.ndarray) -> bool:
+    """Whether `labels` hold one class index per sample for an output of several units (not
+    0/1 per unit of a one-unit or multi-label output)."""
+    samples = len(labels)
+    return labels.reshape(samples, -1).shape[1] == 1 and outputs.reshape(samples, -1).shape[1] > 1
+
+
 def decision_threshold(values: np.ndarray) -> float:
     """Where a one-unit or multi-label output says yes: 0.5 for probabilities (a sigmoid's), 0
     for logits."""
@@ -89,7 +96,7 @@ def accuracy(outputs: np.ndarray, labels: np.ndarray, threshold: float) -> float
         # One-hot rows are class indices written out: per unit, a softmax over 1000 classes
         # wrong on every sample would still score 0.998.
         truth = np.argmax(truth, axis=1)[:, None]
-    if truth.shape[1] == 1 and scores.shape[1] > 1:
+    if indexes_classes(truth, scores):
         return float(np.mean(np.argmax(scores, axis=1) == truth[:, 0]))
     return float(np.mean((scores > threshold) == (truth > 0)))
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.evaluate import indexes_classes
+
 Arrays = dict[str, np.ndarray]
 
 
@@ -20,8 +22,7 @@ def _labelled(outputs: Arrays, labels: Arrays, *, kind: str, what: str) -> list[
     def fits(name: str, values: np.ndarray) -> bool:
         if values.dtype.kind not in kind or name not in outputs:
             return False
-        per_sample, units = (array.reshape(len(values), -1).shape[1] for array in (values, outputs[name]))
-        return kind == "f" or (per_sample == 1 and units > 1)
+        return kind == "f" or indexes_classes(values, outputs[name])
 
     names = [name for name, values in sorted(labels.items()) if fits(name, values)]
     if not names:
