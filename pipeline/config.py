@@ -1122,9 +1122,10 @@ def _section(params: Any, group: str) -> dict:
 
 def stage_part(params: Any, *, model: str | None = None, data: str | None = None) -> Any:
     """The part of composed params one stage reads: the sections every model shares, and model
-    `model` (its entry, builds, auto-selection and data) or, for a data stage, dataset or
-    generator `data` alone. A name the file lacks, or a malformed section, keeps the whole file:
-    validating it reports the problem as it would without this."""
+    `model` (its entry, builds, auto-selection and data, and of the shared groups only the gate
+    set, runtime and variants it uses) or, for a data stage, dataset or generator `data` alone.
+    A name the file lacks, or a malformed section, keeps the whole file or section: validating
+    it reports the problem as it would without this."""
     entry = _section(params, "model").get(model) if model is not None else None
     if (model is not None and not isinstance(entry, dict)) or any(
             params.get(group) is not None and not isinstance(params.get(group), dict)
@@ -1141,7 +1142,27 @@ def stage_part(params: Any, *, model: str | None = None, data: str | None = None
         uses, kept = {data}, {"model": {}, "build": {}, "autoselect": {}}
     for group in ("dataset", "generator"):
         kept[group] = {key: value for key, value in _section(params, group).items() if key in uses}
+    if model is not None:
+        # Stages list these groups whole (DVC cannot interpolate `validation.${model.<m>.validation}`):
+        # cut to what the model uses, an edit of another model's gate set or variant reruns nothing here.
+        kept.update(_used_entries(params, entry, kept["build"].values(), kept["autoselect"].get(model)))
     return {**params, **{group: section for group, section in kept.items() if group in params}}
+
+
+def _used_entries(params: dict, entry: dict, builds: Any, auto: Any) -> dict[str, dict]:
+    """Of the shared `validation`, `runtime` and `quantization` groups, the entries one model names;
+    a group is left whole when a name is missing from it (or auto-selection tries every variant)."""
+    defaults = ModelConfig.__dataclass_fields__
+    names = {group: {entry.get(group, defaults[group].default)} for group in ("validation", "runtime")}
+    candidates = auto.get("candidates") if isinstance(auto, dict) else []
+    if auto is None or (isinstance(candidates, list) and candidates):
+        names["quantization"] = {build.get("variant") for build in builds} | set(candidates or [])
+    used = {}
+    for group, wanted in names.items():
+        section = _section(params, group)
+        if all(isinstance(name, str) and name in section for name in wanted):
+            used[group] = {key: value for key, value in section.items() if key in wanted}
+    return used
 
 
 def check_inputs_exist(cfg: PipelineConfig, conf_dir: str | Path = CONF_DIR) -> None:

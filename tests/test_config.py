@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import re
@@ -114,10 +115,18 @@ def test_a_stage_loads_its_own_part_of_the_config_as_the_whole_file_has_it(tmp_p
         assert part.build == {key: build for key, build in whole.build.items() if build.model == name}
         assert part.autoselect == {key: auto for key, auto in whole.autoselect.items() if key == name}
         assert set(part.dataset) | set(part.generator) == {model.representative.dataset, model.evaluation.dataset}
-        assert (part.quantization, part.validation, part.runtime, part.tracking) == (
-            whole.quantization, whole.validation, whole.runtime, whole.tracking)
+        # Of the shared groups, what the model uses: its stages (which list these groups whole)
+        # then rerun for an edit of their own gate set or variant, not another model's.
+        assert part.validation == {model.validation: whole.validation[model.validation]}
+        assert part.runtime == {model.runtime: whole.runtime[model.runtime]}
+        auto = whole.autoselect.get(name)
+        variants = ({build.variant for build in part.build.values()} | set(auto.candidates if auto else [])
+                    if not auto or auto.candidates else set(whole.quantization))
+        assert part.quantization == {key: whole.quantization[key] for key in variants}
+        assert part.tracking == whole.tracking
         for key in part.build:
             assert config.load(path, build=key) == part
+    assert any(len(config.load(path, model=name).quantization) < len(whole.quantization) for name in whole.model)
     data = next(iter(whole.generator))
     part = config.load(path, data=data)
     assert part.generator == {data: whole.generator[data]} and not part.dataset and not part.model
@@ -134,6 +143,32 @@ def test_a_stage_loads_its_own_part_of_the_config_as_the_whole_file_has_it(tmp_p
     path.write_text("- a list\n")
     with pytest.raises(ConfigError, match="a mapping of keys to values is expected"):
         config.load(path, model=mine)
+
+
+def test_a_models_part_changes_only_with_the_shared_entries_it_uses(tmp_path):
+    """Stages list the `validation` and `runtime` groups whole: an edit of a gate set or variant
+    no build of the model uses leaves its part (what DVC compares) as it was; a name the group
+    lacks keeps the group whole, so validating reports it as for the whole file."""
+    import yaml
+
+    params = _params()
+    name = next(key for key in params["model"] if key not in params.get("autoselect", {}))
+    entry = params["model"][name]
+    before = copy.deepcopy(config.stage_part(params, model=name))  # the part shares params' objects
+    unused_gates = next(key for key in params["validation"] if key != entry.get("validation", "default"))
+    unused_variant = next(key for key in params["quantization"]
+                          if all(b["variant"] != key for b in params["build"].values() if b["model"] == name))
+    params["validation"][unused_gates]["min_cosine"] = 0.5
+    params["quantization"][unused_variant]["num_samples"] = 7
+    assert config.stage_part(params, model=name) == before
+    params["validation"][entry.get("validation", "default")]["min_cosine"] = 0.5
+    assert config.stage_part(params, model=name) != before
+    entry["validation"] = "no_such_gates"
+    assert config.stage_part(params, model=name)["validation"] == params["validation"]
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    with pytest.raises(ConfigError, match=f"model.{name}.validation"):
+        config.load(path, model=name)
 
 
 def test_each_models_params_part_is_what_its_stages_load(tmp_path):
