@@ -288,6 +288,36 @@ def test_int8_io_model_is_quantized_and_dequantized(int8_model, float_model, dat
     assert csv_lines[0] == "tensor,kind,snr_db,cosine,mse" and len(csv_lines) == 1 + layers["num_tensors"]
 
 
+
+def test_layer_errors_are_what_litert_quantizers_validator_measures(int8_model, float_model, data):
+    """layer_errors measures as `compare_model` does (two interpreters per sample there, two for
+    all samples here): the same tensors, kinds and mean MSE, SNR and cosine."""
+    from litert_quantizer import model_validator
+    from litert_quantizer.utils.validation_utils import ValidationErrorMetric as Metric
+
+    from pipeline.validate.layers import layer_errors
+    from pipeline.validate.metrics import snr_db
+
+    _, evaluation = data
+    subset = Samples({name: values[:5] for name, values in evaluation.inputs.items()})
+    rows, reason = layer_errors(float_model, int8_model, subset, num_threads=1)
+    assert reason is None and rows
+    expected = model_validator.compare_model(
+        float_model, int8_model, {"serving_default": [subset.sample(i) for i in range(5)]},
+        [Metric.MSE, Metric.SNR, Metric.COSINE_SIMILARITY], num_threads=1,
+    ).get_signature_comparison_result("serving_default")
+    theirs = {name: (kind, values) for kind, tensors in (("intermediate", expected.intermediate_tensors),
+                                                         ("output", expected.output_tensors))
+              for name, values in tensors.items()}
+    assert {row.tensor for row in rows} <= set(theirs) and any(row.kind == "output" for row in rows)
+    for row in rows:
+        kind, values = theirs[row.tensor]
+        assert row.kind == kind
+        assert row.mse == pytest.approx(values["mse"], rel=1e-4, abs=1e-9)
+        assert row.cosine == pytest.approx(values["cosine_similarity"], rel=1e-4)
+        assert row.snr_db == pytest.approx(snr_db(values["snr"], 1.0), rel=1e-4, abs=1e-6)
+
+
 PARAMS = """
 model:
   tiny:

@@ -1,8 +1,14 @@
-"""Per-tensor quantization error of static integer models, from LiteRT Quantizer's validator.
+"""Per-tensor quantization error of static integer models, as LiteRT Quantizer's validator
+measures it.
 
-`litert_quantizer.model_validator.compare_model` (what `Quantizer.validate()` runs) feeds
-the same samples to the float and the quantized model and compares every tensor the two
-share by name. It needs no recipe or quantizer object: only both models' bytes.
+`litert_quantizer.model_validator.compare_model` (what `Quantizer.validate()` runs) feeds the
+same samples to the float and the quantized model and compares every intermediate and output
+tensor the two share by name: MSE, SNR and cosine per sample, averaged over the samples. It
+builds two interpreters per sample and computes each metric of each tensor apart (flattening
+and cleaning both arrays four times): 3.8 s of a MobileNetV2 validation at 32 samples. Here
+the same measures come from two interpreters kept for all samples and one pass per tensor,
+with the quantizer's own interpreter helpers (a test checks the values against
+`compare_model`'s).
 """
 
 from __future__ import annotations
@@ -52,9 +58,6 @@ def layer_errors(
     float_model: bytes, model: bytes, samples: Samples, *, num_threads: int
 ) -> tuple[list[LayerError], str | None]:
     """Float tensors' errors, worst (lowest SNR) first, or why the comparison does not apply."""
-    from litert_quantizer import model_validator
-    from litert_quantizer.utils.validation_utils import ValidationErrorMetric as Metric
-
     if not has_integer_activations(model):
         return [], "not a static integer model: its activations are float"
     signatures = Interpreter(model_content=model).get_signature_list()
@@ -69,24 +72,61 @@ def layer_errors(
     try:
         with warnings.catch_warnings():  # keeping every tensor is the point here, not a debugging slip
             warnings.filterwarnings("ignore", message=".*experimental_preserve_all_tensors")
-            result = model_validator.compare_model(
-                float_model, model, {key: fed}, [Metric.MSE, Metric.SNR, Metric.COSINE_SIMILARITY],
-                num_threads=num_threads,
-            ).get_signature_comparison_result(key)
-    except Exception as exc:  # the validator's own failures: this analysis is optional
+            rows = _compare_tensors(float_model, model, key, fed, num_threads=num_threads)
+    except Exception as exc:  # the interpreters' or the quantizer's failures: this analysis is optional
         return [], f"LiteRT Quantizer validator failed: {type(exc).__name__}: {first_line(exc)}"
-    # Integer shape/index tensors compare trivially equal: keep float activations only.
-    float_tensors = {d["name"] for d in float_interpreter.get_tensor_details() if d["dtype"] == np.float32}
-    rows = [
-        # The validator's SNR is a power ratio (mean over samples): in dB like ours.
-        LayerError(name, kind, snr_db(values["snr"], 1.0), values["cosine_similarity"], values["mse"])
-        for kind, tensors in (("intermediate", result.intermediate_tensors), ("output", result.output_tensors))
-        for name, values in tensors.items()
-        if name in float_tensors
-    ]
     if not rows:
         return [], "the models share no float activation tensor by name"
     return sorted(rows, key=lambda row: row.snr_db), None
+
+
+def _compare_tensors(float_model: bytes, model: bytes, key: str, fed: list[dict[str, np.ndarray]], *,
+                     num_threads: int) -> list[LayerError]:
+    """`compare_model`'s intermediate and output tensors and their mean MSE, SNR and cosine, for
+    the float activations (integer shape and index tensors compare trivially equal)."""
+    from litert_quantizer.utils import tfl_interpreter_utils as tfl
+
+    interpreters = [tfl.create_tfl_interpreter(m, num_threads=num_threads) for m in (float_model, model)]
+    subgraphs = [tfl.get_signature_main_subgraph_index(i, key) for i in interpreters]
+    reference_details = target_details = {}
+    totals: dict[str, np.ndarray] = {}
+    for index, sample in enumerate(fed):
+        for interpreter in interpreters:
+            tfl.invoke_interpreter_signature(interpreter, sample, key)
+        if index == 0:  # shapes are known once the signature ran
+            reference_details, target_details = (tfl.get_tensor_name_to_details_map(i, subgraph)
+                                                 for i, subgraph in zip(interpreters, subgraphs))
+            # The validator leaves out the signature's inputs and the constants (weights)...
+            left_out = set(tfl.get_input_tensor_names(float_model, key))
+            left_out |= set(tfl.get_constant_tensor_names(float_model, subgraphs[0]))
+            left_out -= set(tfl.get_output_tensor_names(float_model, key))  # ...but never an output
+            totals = {name: np.zeros(3) for name, detail in reference_details.items()
+                      if name in target_details and name not in left_out
+                      and detail["dtype"] == np.float32 and np.all(detail["shape"])}
+        for name, total in totals.items():
+            total += _errors(tfl.get_tensor_data(interpreters[1], target_details[name], subgraphs[1]),
+                             tfl.get_tensor_data(interpreters[0], reference_details[name], subgraphs[0]))
+    outputs = set(tfl.get_output_tensor_names(float_model, key))
+    return [
+        # The validator's SNR is a power ratio (mean over samples): in dB like ours.
+        LayerError(name, "output" if name in outputs else "intermediate", snr_db(snr, 1.0), cosine, mse)
+        for name, (mse, snr, cosine) in ((name, total / len(fed)) for name, total in totals.items())
+    ]
+
+
+def _errors(target: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """MSE, SNR (a power ratio) and cosine of one sample's tensor, as `validation_utils` defines
+    them (non-finite values replaced alike, an all-zero pair fully similar)."""
+    a, b = (np.nan_to_num(np.ravel(np.asarray(x, dtype=np.float32)), nan=1e-9, neginf=-1e9, posinf=1e9)
+            for x in (target, reference))
+    if a.shape != b.shape:
+        raise ValueError("data1 & data2 must be of the same size")
+    if a.size == 0:
+        return np.zeros(3)
+    mse = float(np.square(a - b).mean())
+    norms = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    cosine = (1.0 if norms == (0.0, 0.0) else 0.0 if 0.0 in norms else float(np.dot(a, b)) / (norms[0] * norms[1]))
+    return np.array([mse, float(np.square(b).mean()) / (mse + 1e-9), cosine])
 
 
 def to_csv(rows: list[LayerError]) -> str:
