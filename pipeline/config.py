@@ -965,7 +965,7 @@ def read_yaml_text(path: str | Path) -> str:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"not UTF-8 text: {exc.reason} at byte {exc.start}", file=file) from None
     try:
-        root = yaml.compose(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        root = yaml.compose(text, Loader=safe_loader())
     except yaml.YAMLError as exc:
         raise ConfigError(malformed_yaml(exc), file=file) from None
     sizes: dict[int, int] = {}
@@ -1094,13 +1094,20 @@ def _cut_part(path: str | Path, model: str, build: str | None) -> dict | None:
     return part if build is None or build in _section(part, "build") else None
 
 
+def safe_loader() -> type:
+    """PyYAML's safe loader, libyaml's when PyYAML has it (several times faster)."""
+    import yaml
+
+    return getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def parse_yaml(text: str, file: str) -> Any:
     """YAML as OmegaConf reads it (its float forms such as 1e-3, no timestamps), parsed by libyaml.
     read_yaml_text has refused duplicate keys and runaway aliases already."""
     import yaml
     from omegaconf._utils import get_yaml_loader
 
-    class Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+    class Loader(safe_loader()):  # type: ignore[misc]
         yaml_implicit_resolvers = get_yaml_loader().yaml_implicit_resolvers
 
     try:
@@ -1153,15 +1160,15 @@ def _used_entries(params: dict, entry: dict, builds: Any, auto: Any) -> dict[str
     """Of the shared `validation`, `runtime` and `quantization` groups, the entries one model names;
     a group is left whole when a name is missing from it (or auto-selection tries every variant)."""
     defaults = ModelConfig.__dataclass_fields__
-    names = {group: {entry.get(group, defaults[group].default)} for group in ("validation", "runtime")}
+    wanted = {group: [entry.get(group, defaults[group].default)] for group in ("validation", "runtime")}
     candidates = auto.get("candidates") if isinstance(auto, dict) else []
     if auto is None or (isinstance(candidates, list) and candidates):
-        names["quantization"] = {build.get("variant") for build in builds} | set(candidates or [])
+        wanted["quantization"] = [build.get("variant") for build in builds] + list(candidates or [])
     used = {}
-    for group, wanted in names.items():
+    for group, names in wanted.items():  # unvalidated: a name may be anything, a list or a mapping
         section = _section(params, group)
-        if all(isinstance(name, str) and name in section for name in wanted):
-            used[group] = {key: value for key, value in section.items() if key in wanted}
+        if all(isinstance(name, str) and name in section for name in names):
+            used[group] = {key: value for key, value in section.items() if key in names}
     return used
 
 
@@ -1402,7 +1409,7 @@ def _check_one_owner_per_key(conf_dir: Path) -> None:
         group = relative.parts[:-1]
         prefix = _package_prefix(text, group)
         try:  # libyaml: PyYAML's own parser took 0.4 s of `compose` at 50 models
-            node = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}
+            node = yaml.load(text, Loader=safe_loader()) or {}
         except yaml.YAMLError:
             continue  # Hydra reports it, naming the file
         leaves = list(_leaves(node, prefix))

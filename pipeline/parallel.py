@@ -59,7 +59,7 @@ import yaml
 from tqdm import tqdm
 
 from pipeline import layout, repro, tracking
-from pipeline.config import ParallelEngine, PipelineConfig, TrackingConfig, is_ray_address
+from pipeline.config import ParallelEngine, PipelineConfig, TrackingConfig, is_ray_address, safe_loader
 from pipeline.errors import EXIT_OK, OUTCOMES_ENV, BusyError, ConfigError, OutputError, first_line
 from pipeline.io import atomic_path, write_text
 
@@ -77,7 +77,7 @@ NOT_COPIED = (".git", ".dvc", ".litert", ".venv", "mlruns", "mlflow.db", "dvc_pl
 # worker alone with it at the end of a one-model run.
 STAGE_COST = {"autoselect": 5}
 LOCK = Path("dvc.lock")
-LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when PyYAML has it
+LOADER = safe_loader()
 DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 

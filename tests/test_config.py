@@ -163,12 +163,16 @@ def test_a_models_part_changes_only_with_the_shared_entries_it_uses(tmp_path):
     assert config.stage_part(params, model=name) == before
     params["validation"][entry.get("validation", "default")]["min_cosine"] = 0.5
     assert config.stage_part(params, model=name) != before
-    entry["validation"] = "no_such_gates"
-    assert config.stage_part(params, model=name)["validation"] == params["validation"]
     path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(params))
-    with pytest.raises(ConfigError, match=f"model.{name}.validation"):
-        config.load(path, model=name)
+    for wrong in ("no_such_gates", ["classifier"], {"a": 1}):  # unvalidated yet: any value
+        entry["validation"] = wrong
+        assert config.stage_part(params, model=name)["validation"] == params["validation"]
+        path.write_text(yaml.safe_dump(params))
+        with pytest.raises(ConfigError, match=f"model.{name}.validation"):
+            config.load(path, model=name)
+    entry["validation"] = "default"
+    params["build"][next(key for key, b in params["build"].items() if b["model"] == name)]["variant"] = [["x"]]
+    assert config.stage_part(params, model=name)["quantization"] == params["quantization"]
 
 
 def test_each_models_params_part_is_what_its_stages_load(tmp_path):
