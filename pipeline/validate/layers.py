@@ -88,6 +88,7 @@ def _compare_tensors(float_model: bytes, model: bytes, key: str, fed: list[dict[
 
     interpreters = [tfl.create_tfl_interpreter(m, num_threads=num_threads) for m in (float_model, model)]
     subgraphs = [tfl.get_signature_main_subgraph_index(i, key) for i in interpreters]
+    outputs = set(tfl.get_output_tensor_names(float_model, key))
     reference_details = target_details = {}
     totals: dict[str, np.ndarray] = {}
     for index, sample in enumerate(fed):
@@ -99,14 +100,13 @@ def _compare_tensors(float_model: bytes, model: bytes, key: str, fed: list[dict[
             # The validator leaves out the signature's inputs and the constants (weights)...
             left_out = set(tfl.get_input_tensor_names(float_model, key))
             left_out |= set(tfl.get_constant_tensor_names(float_model, subgraphs[0]))
-            left_out -= set(tfl.get_output_tensor_names(float_model, key))  # ...but never an output
+            left_out -= outputs  # ...but never an output
             totals = {name: np.zeros(3) for name, detail in reference_details.items()
                       if name in target_details and name not in left_out
                       and detail["dtype"] == np.float32 and np.all(detail["shape"])}
         for name, total in totals.items():
             total += _errors(tfl.get_tensor_data(interpreters[1], target_details[name], subgraphs[1]),
                              tfl.get_tensor_data(interpreters[0], reference_details[name], subgraphs[0]))
-    outputs = set(tfl.get_output_tensor_names(float_model, key))
     return [
         # The validator's SNR is a power ratio (mean over samples): in dB like ours.
         LayerError(name, "output" if name in outputs else "intermediate", snr_db(snr, 1.0), cosine, mse)
@@ -120,7 +120,7 @@ def _errors(target: np.ndarray, reference: np.ndarray) -> np.ndarray:
     a, b = (np.nan_to_num(np.ravel(np.asarray(x, dtype=np.float32)), nan=1e-9, neginf=-1e9, posinf=1e9)
             for x in (target, reference))
     if a.shape != b.shape:
-        raise ValueError("data1 & data2 must be of the same size")
+        raise ValueError(f"a tensor has {b.size} values in the float model and {a.size} in the quantized one")
     if a.size == 0:
         return np.zeros(3)
     mse = float(np.square(a - b).mean())
