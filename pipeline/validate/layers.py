@@ -88,7 +88,9 @@ def _compare_tensors(float_model: bytes, model: bytes, key: str, fed: list[dict[
 
     interpreters = [tfl.create_tfl_interpreter(m, num_threads=num_threads) for m in (float_model, model)]
     subgraphs = [tfl.get_signature_main_subgraph_index(i, key) for i in interpreters]
-    outputs = set(tfl.get_output_tensor_names(float_model, key))
+    signature = interpreters[0].get_signature_runner(key)  # names as the quantizer's helpers read them
+    inputs, outputs = ({d["name"] for d in details.values()}
+                       for details in (signature.get_input_details(), signature.get_output_details()))
     reference_details = target_details = {}
     totals: dict[str, np.ndarray] = {}
     for index, sample in enumerate(fed):
@@ -98,8 +100,7 @@ def _compare_tensors(float_model: bytes, model: bytes, key: str, fed: list[dict[
             reference_details, target_details = (tfl.get_tensor_name_to_details_map(i, subgraph)
                                                  for i, subgraph in zip(interpreters, subgraphs))
             # The validator leaves out the signature's inputs and the constants (weights)...
-            left_out = set(tfl.get_input_tensor_names(float_model, key))
-            left_out |= set(tfl.get_constant_tensor_names(float_model, subgraphs[0]))
+            left_out = inputs | set(tfl.get_constant_tensor_names(float_model, subgraphs[0]))
             left_out -= outputs  # ...but never an output
             totals = {name: np.zeros(3) for name, detail in reference_details.items()
                       if name in target_details and name not in left_out
