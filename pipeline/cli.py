@@ -51,10 +51,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not stale and repro.nothing_to_upload():
             print("Nothing to build: every stage is up to date (dvc status); no MLflow run opened.")
             return _summarized(cfg, repro.Reproduced(EXIT_OK))
-    invocation = repro.start(cfg, args.name, kind="repro")
+    if workers:  # the shared stages (datasets, example models) build while MLflow opens the parent run
+        invocation, shared = parallel.start_sharing(cfg, args.name, "repro", stale, verbose=args.verbose)
+    else:
+        invocation = repro.start(cfg, args.name, kind="repro")
     with repro.ended_on_failure(invocation):
         if workers:
-            result = parallel.reproduce(cfg, args.jobs, stale=stale, verbose=args.verbose)
+            result = parallel.reproduce(cfg, args.jobs, stale, shared, verbose=args.verbose)
         else:
             result = repro.reproduce(*args.targets, verbose=args.verbose)
         repro.upload_deferred(invocation)

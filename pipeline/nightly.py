@@ -154,16 +154,22 @@ def _cell(value: Any) -> str:
 
 def run_nightly(overrides: list[str], conf_dir: str, name: str, *, verbose: bool = False, jobs: int = 1) -> int:
     started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    invocation = repro.start(repro.compose_checked(overrides, conf_dir), name, kind="nightly")
+    cfg = repro.compose_checked(overrides, conf_dir)
+    workers = parallel.through_workers(cfg, jobs)
+    if workers:  # the shared stages (datasets, example models) build while MLflow opens the parent run
+        stale = repro.stale_stages()
+        invocation, shared = parallel.start_sharing(cfg, name, "nightly", stale, verbose=verbose)
+    else:
+        invocation = repro.start(cfg, name, kind="nightly")
     with repro.ended_on_failure(invocation):
-        return _nightly(invocation, name, started, verbose, jobs)
+        # --keep-going: every build gets a verdict, not just the first failure
+        reproduced = (parallel.reproduce(cfg, jobs, stale, shared, verbose=verbose) if workers
+                      else repro.reproduce(verbose=verbose))
+        return _nightly(invocation, name, started, reproduced)
 
 
-def _nightly(invocation: repro.Invocation, name: str, started: str, verbose: bool, jobs: int) -> int:
+def _nightly(invocation: repro.Invocation, name: str, started: str, reproduced: repro.Reproduced) -> int:
     cfg = invocation.cfg
-    # --keep-going: every build gets a verdict, not just the first failure
-    reproduced = (parallel.reproduce(cfg, jobs, verbose=verbose) if parallel.through_workers(cfg, jobs)
-                  else repro.reproduce(verbose=verbose))
     repro.upload_deferred(invocation)  # the stages' runs and registrations, before comparing with production
     verdicts = repro.build_verdicts(cfg, *reproduced.state())
     repro.declare_artifacts(cfg, verdicts)  # dvc.yaml's artifacts: this run's verdicts

@@ -4,7 +4,7 @@ DVC has no parallel `repro` (a repository runs one at a time), but several repos
 share one cache (and its run-cache). So:
 
 1. The stages every model shares (datasets, generated data, example models, the models' parts
-   of params.yaml) run here, once.
+   of params.yaml) run here, once, while MLflow opens the run's parent run (they log nothing).
 2. What is out of date is cut into units of work: whole models while there are enough to keep
    every worker busy, and the last models (fewer than the workers) into pieces: the stages
    before their builds (conversion, calibration), one piece per build (quantize, metadata,
@@ -13,9 +13,11 @@ share one cache (and its run-cache). So:
    builds fill both workers.
 3. N workers, each a copy of the project under `.litert/workers/` (code, config, dvc.lock and
    the outputs so far; no git, no MLflow store) using this project's cache, run `dvc repro` of
-   one unit at a time: the ready unit with the longest chain of stages after it first (an
-   auto-selection counts as several), on an idle worker (the one holding most of what it
-   needs). Before a worker runs a unit, the outputs of the units it depends on that another
+   one unit at a time: the stages before a model's pieces first (its builds then fill the
+   workers as the whole models end: 5 models on 2 workers, one worker ran the fifth's
+   conversion alone after the whole ones, measured), then the ready unit with the longest
+   chain of stages after it (an auto-selection counts as several), on an idle worker (the one
+   holding most of what it needs). Before a worker runs a unit, the outputs of the units it depends on that another
    worker built are copied into it, and its dvc.lock is cut to the entries of the unit's
    stages and of those they depend on: DVC finds them up to date there, and rewrites a small
    lock after each stage instead of the whole project's (4 s of YAML a stage at 5 models,
@@ -52,6 +54,7 @@ import socket
 import subprocess
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -107,6 +110,12 @@ class Unit:
     stages: list[str]
     after: set[str] = dataclasses.field(default_factory=set)  # units that must be built first
     rank: int = 0  # cost of the longest chain from its start to the end (STAGE_COST): the longest goes first
+    # The stages before a model's builds, when the model goes in pieces: they go before any
+    # whole model, so its builds are ready to fill the workers as the whole models end.
+    leads: bool = False
+
+    def start_order(self) -> tuple:
+        return not self.leads, -self.rank, self.name
 
 
 def build_of(stage: str, cfg: PipelineConfig) -> str | None:
@@ -143,6 +152,7 @@ def plan(stages: Iterable[str], graph: dict[str, set[str]], cfg: PipelineConfig,
     for unit in units.values():
         upstream = set().union(*(repro.ancestors(graph, stage) for stage in unit.stages))
         unit.after = {unit_of[stage] for stage in upstream if stage in unit_of} - {unit.name}
+        unit.leads = unit.name.startswith("before:")
     below = {name: {other.name for other in units.values() if name in other.after} for name in units}
 
     def rank(name: str) -> int:
@@ -206,25 +216,38 @@ def _check_engine(cfg: PipelineConfig) -> None:
         _check_ray(cfg.parallel.ray_address)
 
 
-def reproduce(cfg: PipelineConfig, jobs: int, *, stale: set[str] | None = None,
+def start_sharing(cfg: PipelineConfig, name: str, kind: str, stale: set[str],
+                  verbose: bool = False) -> tuple[repro.Invocation, repro.Reproduced | None]:
+    """The invocation's parent run opens (`repro.start`) while the stages every model shares
+    (datasets, example models: what every worker reads) build here, once: they log nothing.
+    Returns the invocation and how their `dvc repro` ended (None: none was out of date)."""
+    shared = _shared(stale)
+    return repro.start_while(cfg, name, kind, lambda: repro.reproduce(*shared, verbose=verbose) if shared else None)
+
+
+def _shared(stale: set[str]) -> list[str]:
+    return sorted(stage for stage in stale if stage.partition("@")[0] in SHARED_STAGES)
+
+
+def reproduce(cfg: PipelineConfig, jobs: int, stale: set[str], shared: repro.Reproduced | None, *,
               verbose: bool = False) -> repro.Reproduced:
-    """`dvc repro --keep-going` of the whole project with up to `jobs` units at once; it ends
-    as `repro.reproduce` does. `stale`: what `dvc status` said, if just asked."""
+    """After `start_sharing` (`stale`: what `dvc status` said before it, `shared`: what it
+    returned), `dvc repro --keep-going` of the rest with up to `jobs` units at once; it ends as
+    `repro.reproduce` does."""
     check_parallel_safe(cfg)
-    stale = repro.stale_stages() if stale is None else stale
+    if shared is not None and shared.code != EXIT_OK:
+        return shared
     if not stale:  # `dvc status` found every stage up to date: `dvc repro` would do nothing
         print("Nothing to build: every stage is up to date (dvc status).")
         return repro.Reproduced(EXIT_OK)
-    shared = sorted(stage for stage in stale if stage.partition("@")[0] in SHARED_STAGES)
-    if shared:  # the datasets and example models every worker reads
-        built = repro.reproduce(*shared, verbose=verbose)
-        if built.code != EXIT_OK:
-            return built
-        if PARAMS_STAGE in shared:  # which models' params changed shows once their parts are written
-            stale = repro.stale_stages()
-        # Otherwise no second `dvc status`: what follows a stage just built is out of date by the
-        # graph (if its outputs came out the same, the worker's DVC finds the stages up to date).
-    graph = repro.stage_graph()
+    shared_stages = _shared(stale)
+    # DVC commands at once, each mostly DVC's start-up and its parse of dvc.yaml.
+    with ThreadPoolExecutor(1) as pool:
+        cache = pool.submit(_cache_dir, Path.cwd())
+        if PARAMS_STAGE in shared_stages:  # which models' params changed shows once their parts are written
+            stale, graph = repro.stale_and_graph()
+        else:  # no second `dvc status`: what follows a stage just built is out of date by the graph
+            graph = repro.stage_graph()  # (if its outputs came out the same, the worker's DVC finds it up to date)
     units = plan(affected_stages(cfg, graph, stale), graph, cfg, jobs)
     if not _any_independent(units):  # one unit, or each waiting for the one before: nothing to share
         return repro.reproduce(verbose=verbose)
@@ -235,8 +258,7 @@ def reproduce(cfg: PipelineConfig, jobs: int, *, stale: set[str] | None = None,
               f"-j {cores} is usually as fast", file=sys.stderr)
     shutil.rmtree(WORKERS, ignore_errors=True)  # an interrupted run's copies
     try:
-        cache = _cache_dir(Path.cwd())
-        copies = [_Copy.make(index + 1, cache) for index in range(min(jobs, len(units)))]
+        copies = [_Copy.make(index + 1, cache.result()) for index in range(min(jobs, len(units)))]
     except OSError as exc:
         engine.close()
         shutil.rmtree(WORKERS, ignore_errors=True)
@@ -357,7 +379,7 @@ class _Build:
         self.bar = tqdm(total=len(self.per_build), desc="builds", unit="build", disable=None if self.per_build else True)
 
     def run(self) -> set[str]:
-        waiting = sorted(self.units.values(), key=lambda unit: (-unit.rank, unit.name))
+        waiting = sorted(self.units.values(), key=Unit.start_order)
         idle, running = list(self.copies), {}
         try:
             while waiting or running:

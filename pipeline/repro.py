@@ -18,9 +18,10 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator, NamedTuple
+from typing import BinaryIO, Callable, Iterator, NamedTuple, TypeVar
 
 from pipeline import config, layout, tracking
 from pipeline.config import PipelineConfig
@@ -63,6 +64,7 @@ class Invocation:
 
 
 DVC_YAML = Path("dvc.yaml")
+T = TypeVar("T")
 TRACK_STAGE = "track"  # dvc.yaml's last stage: uploads the build stages' deferred records
 
 
@@ -163,7 +165,42 @@ def nothing_to_upload() -> bool:
 
 def start(cfg: PipelineConfig, name: str, kind: str) -> Invocation:
     """Open the parent run of the composed `cfg` and upload what earlier offline runs queued."""
-    parent = tracking.start_parent_run(cfg.tracking, name, {"kind": kind})
+    return _opened(cfg, tracking.start_parent_run(cfg.tracking, name, {"kind": kind}))
+
+
+def start_while(cfg: PipelineConfig, name: str, kind: str, work: Callable[[], T]) -> tuple[Invocation, T]:
+    """`start`, with `work` done meanwhile in this thread: work that logs nothing (the stages
+    every model shares) need not wait for MLflow's import and a new store's tables (4.9 s of a
+    60 s first run, measured). MLflow's HTTP settings are set for the whole time: `work`
+    starts processes, which copy the environment. If `work` fails or is interrupted, a parent
+    run opened meanwhile ends FAILED or KILLED, as in `ended_on_failure`."""
+    opened: dict[str, object] = {}
+
+    def open_parent() -> None:
+        try:
+            opened["parent"] = tracking.start_parent_run(cfg.tracking, name, {"kind": kind})
+        except BaseException as exc:  # noqa: BLE001 - raised in the main thread below
+            opened["error"] = exc
+
+    opening = threading.Thread(target=open_parent, name="parent-run", daemon=True)
+    with tracking.http_settings(cfg.tracking):
+        opening.start()
+        try:
+            with _sigterm_interrupts():
+                done = work()
+        except BaseException as exc:
+            opening.join(STOP_SECONDS)  # bounded: an unreachable server may be retried for longer
+            if opened.get("parent"):
+                tracking.end_parent_run(cfg.tracking, opened["parent"], succeeded=False,
+                                        status="KILLED" if isinstance(exc, KeyboardInterrupt) else None)
+            raise
+        opening.join()
+    if "error" in opened:
+        raise opened["error"]
+    return _opened(cfg, opened["parent"]), done
+
+
+def _opened(cfg: PipelineConfig, parent: str | None) -> Invocation:
     os.environ.pop(tracking.PARENT_ENV, None)
     os.environ.pop(tracking.OFFLINE_ENV, None)
     tracking.move_deferred_to_pending()  # an interrupted invocation's records: uploaded below, like the queue
@@ -188,18 +225,26 @@ def start(cfg: PipelineConfig, name: str, kind: str) -> Invocation:
 def ended_on_failure(invocation: Invocation) -> Iterator[None]:
     """The parent run never stays RUNNING: FAILED if the block raises, KILLED if it is
     interrupted (Ctrl-C, or SIGTERM from a scheduler)."""
-    def interrupt(signum, frame):  # noqa: ARG001
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
-        yield
+        with _sigterm_interrupts():
+            yield
     except KeyboardInterrupt:
         tracking.end_parent_run(invocation.cfg.tracking, invocation.parent, succeeded=False, status="KILLED")
         raise
     except BaseException:
         tracking.end_parent_run(invocation.cfg.tracking, invocation.parent, succeeded=False)
         raise
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """A scheduler's SIGTERM interrupts as Ctrl-C does: DVC and its stage are stopped."""
+    def interrupt(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -374,6 +419,8 @@ class Reproduced(NamedTuple):
 
     def state(self) -> tuple[set[str], dict[str, set[str]]]:
         """The stages out of date and the stage graph, as this run left them."""
+        if self.stale is None and self.graph is None:
+            return stale_and_graph()
         return (stale_stages() if self.stale is None else self.stale,
                 stage_graph() if self.graph is None else self.graph)
 
@@ -390,7 +437,7 @@ def reproduce(*targets: str, single_item: bool = False, verbose: bool = False) -
     if code == 0:
         return Reproduced(EXIT_OK)
     try:
-        stale, graph = stale_stages(), stage_graph()
+        stale, graph = stale_and_graph()
     except InputError:  # DVC cannot say: the failures are what the stages recorded
         return Reproduced(summarize_failures(outcomes, set()))
     return Reproduced(summarize_failures(outcomes, first_left(stale, graph)), stale, graph)
@@ -447,6 +494,14 @@ def ancestors(graph: dict[str, set[str]], stage: str) -> set[str]:
             found.add(upstream)
             todo.append(upstream)
     return found
+
+
+def stale_and_graph() -> tuple[set[str], dict[str, set[str]]]:
+    """`dvc status` and `dvc dag` at once: two processes, each mostly DVC's start-up and its
+    parse of dvc.yaml (1.4 s and 1.1 s at 5 models, 1.7 s at once, measured)."""
+    with ThreadPoolExecutor(2) as pool:
+        graph = pool.submit(stage_graph)
+        return stale_stages(), graph.result()
 
 
 def stale_stages(cwd: Path | None = None) -> set[str]:

@@ -259,8 +259,12 @@ def test_units_are_whole_models_but_for_the_last_ones_which_go_in_pieces():
     assert units["build:m2-float"].stages == ["metadata@m2-float", "quantize@m2-float", "validate@m2-float"]
     assert units["build:m2-float"].after == {"before:m2"} and units["model:m0"].after == set()
     assert units["report:m2"].after == {"before:m2", "build:m2-float", "build:m2-static_wi8_ai8"}
-    # The longest chain first: a whole model (9 stages), then the third model's first piece (2 + 3 + 1).
+    # The longest chain: a whole model (9 stages), the third model's first piece (2 + 3 + 1).
     assert units["model:m0"].rank == 9 and units["before:m2"].rank == 6 and units["report:m2"].rank == 1
+    # But that piece starts first: the third model's builds are then ready to fill both workers
+    # when the whole models end, instead of one worker converting it alone.
+    order = [unit.name for unit in sorted(units.values(), key=parallel.Unit.start_order)]
+    assert order[:3] == ["before:m2", "model:m0", "model:m1"] and order[-1] == "report:m2"
     # The run's bar counts a build done when every unit holding its stages has ended.
     per_build = parallel.units_per_build(units, cfg)
     assert len(per_build) == 6 and per_build["m0-float"] == {"model:m0"}

@@ -210,3 +210,27 @@ def test_an_interrupted_run_ends_its_parent_run_killed_and_exits_130(project):
     (run,) = client.search_runs([experiment.experiment_id], "attributes.run_name = 'interrupted'")
     assert run.info.status == "KILLED"
 
+
+
+def test_a_run_interrupted_while_the_shared_stages_build_ends_its_parent_run_killed(project):
+    """With workers, the shared stages (here a generated dataset) build while MLflow opens the
+    parent run in a thread: interrupted then, the run waits for it and ends it KILLED."""
+    import signal
+
+    from mlflow import MlflowClient
+
+    overrides = [o for o in OVERRIDES if not o.startswith("tracking.")] + ["generator.tiny_evaluation.seed=77"]
+    process = subprocess.Popen(["litert-pipeline", "run", *overrides, "--name", "interrupted-early"], cwd=project,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, **ENV, "PATH": f"{os.path.dirname(os.sys.executable)}:{os.environ['PATH']}"})
+    for line in process.stdout:
+        if "Running stage 'generate@tiny_evaluation'" in line:
+            break
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == "error: interrupted"
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("litert-pipeline")
+    (run,) = client.search_runs([experiment.experiment_id], "attributes.run_name = 'interrupted-early'")
+    assert run.info.status == "KILLED"
