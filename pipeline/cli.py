@@ -51,15 +51,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not stale and repro.nothing_to_upload():
             print("Nothing to build: every stage is up to date (dvc status); no MLflow run opened.")
             return _summarized(cfg, repro.Reproduced(EXIT_OK))
-    if workers:  # the shared stages (datasets, example models) build while MLflow opens the parent run
+    if args.targets:
+        invocation, shared = repro.start(cfg, args.name, kind="repro"), None
+    else:  # the shared stages (datasets, example models) build while MLflow opens the parent run
         invocation, shared = parallel.start_sharing(cfg, args.name, "repro", stale, verbose=args.verbose)
-    else:
-        invocation = repro.start(cfg, args.name, kind="repro")
     with repro.ended_on_failure(invocation):
         if workers:
             result = parallel.reproduce(cfg, args.jobs, stale, shared, verbose=args.verbose)
+        elif shared is not None and shared.code != EXIT_OK:
+            result = shared
         else:
-            result = repro.reproduce(*args.targets, verbose=args.verbose)
+            result = repro.reproduce(*args.targets, verbose=args.verbose, uploading=cfg.tracking)
         repro.upload_deferred(invocation)
     repro.finish(invocation, succeeded=result.code == 0)  # with the report stages' comparison of the variants
     return _summarized(cfg, result)

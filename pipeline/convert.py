@@ -19,6 +19,7 @@ from pipeline.errors import GateError
 from pipeline.evaluate import host_support
 from pipeline.sources import LoadedSource
 from pipeline.tflite_model import OpUse, op_uses
+from pipeline.tensorflow_import import tensorflow
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ def native_stderr_held() -> Iterator[None]:
 
 def configure(converter: Any, conversion: ConversionConfig) -> Any:
     """Apply the config's op sets and flags to a TFLiteConverter."""
-    import tensorflow as tf
+    tf = tensorflow()
 
     ops = {
         OpsSet.builtins: tf.lite.OpsSet.TFLITE_BUILTINS,
@@ -90,7 +91,7 @@ def disallowed_ops(uses: list[OpUse], model: ModelConfig, name: str) -> list[str
 
 def convert_float(source: LoadedSource, model: ModelConfig, name: str) -> Converted:
     """The float model under the config's flags; a GateError naming the key when they fall short."""
-    import tensorflow as tf
+    tf = tensorflow()
 
     started = time.perf_counter()
     try:
@@ -126,7 +127,7 @@ def _conversion_failure(source: LoadedSource, model: ModelConfig, name: str, exc
 
 def convert_permissive(source: LoadedSource) -> bytes:
     """Convert with every op set allowed, to learn which ops the model really needs."""
-    import tensorflow as tf
+    tf = tensorflow()
 
     converter = source.make_converter()
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS, tf.lite.OpsSet.SELECT_TF_OPS]

@@ -156,15 +156,17 @@ def run_nightly(overrides: list[str], conf_dir: str, name: str, *, verbose: bool
     started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     cfg = repro.compose_checked(overrides, conf_dir)
     workers = parallel.through_workers(cfg, jobs)
-    if workers:  # the shared stages (datasets, example models) build while MLflow opens the parent run
-        stale = repro.stale_stages()
-        invocation, shared = parallel.start_sharing(cfg, name, "nightly", stale, verbose=verbose)
-    else:
-        invocation = repro.start(cfg, name, kind="nightly")
+    stale = repro.stale_stages()
+    # The shared stages (datasets, example models) build while MLflow opens the parent run.
+    invocation, shared = parallel.start_sharing(cfg, name, "nightly", stale, verbose=verbose)
     with repro.ended_on_failure(invocation):
         # --keep-going: every build gets a verdict, not just the first failure
-        reproduced = (parallel.reproduce(cfg, jobs, stale, shared, verbose=verbose) if workers
-                      else repro.reproduce(verbose=verbose))
+        if workers:
+            reproduced = parallel.reproduce(cfg, jobs, stale, shared, verbose=verbose)
+        elif shared is not None and shared.code != EXIT_OK:
+            reproduced = shared
+        else:
+            reproduced = repro.reproduce(verbose=verbose, uploading=cfg.tracking)
         return _nightly(invocation, name, started, reproduced)
 
 

@@ -62,7 +62,7 @@ import yaml
 from tqdm import tqdm
 
 from pipeline import layout, repro, tracking
-from pipeline.config import ParallelEngine, PipelineConfig, TrackingConfig, is_ray_address, safe_loader
+from pipeline.config import ParallelEngine, PipelineConfig, is_ray_address, safe_loader
 from pipeline.errors import EXIT_OK, OUTCOMES_ENV, BusyError, ConfigError, OutputError, first_line
 from pipeline.io import atomic_path, write_text
 
@@ -220,7 +220,8 @@ def start_sharing(cfg: PipelineConfig, name: str, kind: str, stale: set[str],
                   verbose: bool = False) -> tuple[repro.Invocation, repro.Reproduced | None]:
     """The invocation's parent run opens (`repro.start`) while the stages every model shares
     (datasets, example models: what every worker reads) build here, once: they log nothing.
-    Returns the invocation and how their `dvc repro` ended (None: none was out of date)."""
+    Returns the invocation and how their `dvc repro` ended (None: none was out of date); then
+    `reproduce` builds the rest in workers, or a plain `dvc repro` here."""
     shared = _shared(stale)
     return repro.start_while(cfg, name, kind, lambda: repro.reproduce(*shared, verbose=verbose) if shared else None)
 
@@ -273,7 +274,7 @@ def reproduce(cfg: PipelineConfig, jobs: int, stale: set[str], shared: repro.Rep
         outcomes.mkdir()
         env = {OUTCOMES_ENV: str(outcomes.resolve()), tracking.DEFER_ENV: "1",
                tracking.GIT_COMMIT_ENV: tracking.git_commit()}
-        with _dvc_lock(), _Uploads(cfg.tracking) as uploads:
+        with _dvc_lock(), repro.Uploads(cfg.tracking) as uploads:
             left = _Build(units, copies, engine, env, graph, cfg, uploads).run()
         failures = [repro.read_outcome(path) for path in sorted(outcomes.glob("*.json"))]
     finally:  # the records of what finished come home and the copies go (their logs stay)
@@ -293,53 +294,6 @@ def reproduce(cfg: PipelineConfig, jobs: int, stale: set[str], shared: repro.Rep
         return repro.reproduce(repro.TRACK_STAGE, single_item=True, verbose=verbose)
     # What is out of date here is asked when needed: the workers' `dvc status` was of their copies.
     return repro.Reproduced(repro.summarize_failures(failures, repro.first_left(left, graph)), graph=graph)
-
-
-class _Uploads:
-    """The records of each unit that ended go up to MLflow, in a thread of this process, while
-    the other units build: this process opened the parent run, so MLflow is imported and its
-    store open already, where the `track` stage after the workers would import it again and
-    upload every build at the end (16.5 s of a 233 s `-j 2` run at 5 models, measured). What
-    is not uploaded here (MLflow lost, a run interrupted) stays deferred for `track`, whose
-    handling of an unreachable or refusing server (the queue, `tracking.required`) applies."""
-
-    def __init__(self, settings: TrackingConfig):
-        self.tracking, self.parent = settings, os.environ.get(tracking.PARENT_ENV)
-        self.ready, self.done, self.stop = threading.Event(), threading.Event(), threading.Event()
-        self.thread = threading.Thread(target=self._upload, name="uploads", daemon=True)
-        self.settings = contextlib.ExitStack()
-
-    def __enter__(self) -> "_Uploads":
-        if self.tracking.enabled and self.parent:  # else offline, or nothing to log: `track` queues
-            self.settings.enter_context(tracking.http_settings(self.tracking))
-            self.thread.start()
-        return self
-
-    def wake(self) -> None:
-        self.ready.set()
-
-    def __exit__(self, kind, error, trace) -> None:
-        if kind is not None:  # failed or interrupted: the record being uploaded ends, the rest waits
-            self.stop.set()
-        self.done.set()
-        self.ready.set()
-        if self.thread.is_alive():  # interrupted, not for long: the thread dies with the process
-            self.thread.join(None if kind is None else repro.STOP_SECONDS)
-        self.settings.close()
-
-    def _upload(self) -> None:
-        while not self.stop.is_set():
-            self.ready.wait()
-            self.ready.clear()
-            finishing = self.done.is_set()  # the last records came home before `done` was set
-            try:
-                tracking.sync(self.tracking, self.parent, folder=tracking.DEFERRED_DIR, stop=self.stop)
-            except Exception as exc:  # noqa: BLE001 - whatever it is, `track` meets it again and reports it
-                _print_above_bar(f"warning: uploading records while the workers build stopped: {first_line(exc)}; "
-                                 "the `track` stage uploads the rest")
-                return
-            if finishing:
-                return
 
 
 @contextlib.contextmanager
@@ -365,7 +319,7 @@ class _Build:
     """The units, on the copies, in order: returns the stages left out of date."""
 
     def __init__(self, units: dict[str, Unit], copies: list["_Copy"], engine: "_Engine", env: dict[str, str],
-                 graph: dict[str, set[str]], cfg: PipelineConfig, uploads: "_Uploads"):
+                 graph: dict[str, set[str]], cfg: PipelineConfig, uploads: repro.Uploads):
         self.units, self.copies, self.engine, self.env, self.graph, self.cfg = units, copies, engine, env, graph, cfg
         self.uploads = uploads
         self.home = _read_lock(LOCK)

@@ -23,6 +23,7 @@ from pipeline.config import PARAMS_FILE, ModelConfig, SourceConfig, SourceFormat
 from pipeline.datasets import TensorInfo
 from pipeline.errors import ConfigError, InputError, first_line
 from pipeline.io import check_archive
+from pipeline.tensorflow_import import tensorflow
 
 SERVING = "serving_default"
 
@@ -72,7 +73,7 @@ def _tensor_info(name: str, spec: Any) -> TensorInfo:
 
 
 def _load_saved_model(path: Path, key: str) -> Any:
-    import tensorflow as tf
+    tf = tensorflow()
 
     if not (path / "saved_model.pb").is_file():
         raise InputError("not a SavedModel folder (no saved_model.pb)", file=str(path), key=f"{key}.path")
@@ -93,7 +94,7 @@ def _signature(loaded: Any, signature_key: str, path: Path, key: str) -> Any:
 
 def _from_saved_model(path: Path, model: ModelConfig, key: str, path_name: str, keep: list | None = None,
                       signature_key: str | None = None) -> LoadedSource:
-    import tensorflow as tf
+    tf = tensorflow()
 
     loaded = _load_saved_model(path, key)
     signature_key = signature_key or model.source.signature_key
@@ -118,6 +119,7 @@ def _from_saved_model(path: Path, model: ModelConfig, key: str, path_name: str, 
 
 
 def _from_keras(path: Path, model: ModelConfig, key: str) -> LoadedSource:
+    tensorflow()  # before Keras, which imports it
     import keras
 
     try:
@@ -146,8 +148,8 @@ def _from_keras(path: Path, model: ModelConfig, key: str) -> LoadedSource:
 
 def _export_keras(keras_model: Any, folder: Path) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
     """Export a serving signature with the model's input and output names; return the call it serves."""
+    tf = tensorflow()  # before Keras, which imports it
     import keras
-    import tensorflow as tf
 
     inputs = getattr(keras_model, "inputs", None)
     output_names = list(getattr(keras_model, "output_names", None) or [])
@@ -198,7 +200,7 @@ def resolve_factory(reference: str, *, trusted: bool, key: str, file: str = "par
 
 def _from_concrete_functions(path: Path, model: ModelConfig, key: str) -> LoadedSource:
     factory = resolve_factory(model.source.factory or "", trusted=model.source.trusted, key=f"{key}.factory")
-    import tensorflow as tf  # after the reference is checked: a bad one fails without the 3 s import
+    tf = tensorflow()  # after the reference is checked: a bad one fails without the 3 s import
 
     try:
         functions = factory(str(path), **model.source.factory_args)

@@ -55,6 +55,9 @@ PENDING_DIR = Path(".litert/pending")
 # `nightly` upload what is left when a failed build kept `track` from running).
 DEFER_ENV = "LITERT_TRACKING_DEFER"
 DEFERRED_DIR = Path(".litert/deferred")
+# Set by `run` and `nightly` for a serial `dvc repro`: they upload the records themselves while
+# DVC builds, so its `track` stage leaves them (two processes uploading one record would log it twice).
+INVOCATION_UPLOADS_ENV = "LITERT_INVOCATION_UPLOADS"
 MODEL_FOLDER = "model"  # the run artifact folder a registered version points at
 BATCH_LIMIT = 100  # MLflow takes at most 100 params or tags per log_batch request
 

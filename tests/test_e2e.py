@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from pipeline import fingerprint, layout
+from pipeline.tensorflow_import import UNUSED_BY_ITS_IMPORT
 from tests.conftest import copy_project, run_cli
 
 pytestmark = pytest.mark.e2e
@@ -143,6 +144,11 @@ def test_no_build_stage_process_imports_mlflow(repro, tmp_path):
         assert ours <= set(code), f"{stage} ran {sorted(ours - set(code))}, not in its code fingerprint"
         if stage in ("representative", "quantize", "metadata", "validate", "report"):  # LiteRT builds and checks
             assert "tensorflow" not in imported, stage  # (validate: not through MediaPipe's client check either)
+        if stage == "convert":  # nor what TensorFlow imports for features never used (pipeline/tensorflow_import.py):
+            # a refused import is listed too, taking microseconds; each of these takes 0.1-0.8 s
+            microseconds = {line.split("|")[-1].strip(): int(line.split("|")[1]) for line in result.stderr.splitlines()
+                            if line.startswith("import time:") and line.split("|")[1].strip().isdigit()}
+            assert all(microseconds.get(name, 0) < 1000 for name in UNUSED_BY_ITS_IMPORT), microseconds
     assert len(list((project / ".litert" / "deferred").iterdir())) >= 5  # the records, saved for `track` to upload
 
 

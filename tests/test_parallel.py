@@ -16,7 +16,7 @@ import subprocess
 import pytest
 import yaml
 
-from pipeline import parallel
+from pipeline import parallel, repro
 from pipeline.config import ParallelEngine
 from tests.conftest import ROOT, copy_project, run_cli
 
@@ -414,7 +414,7 @@ def test_each_units_records_go_up_while_the_workers_build(deferring_store):
     from pipeline import tracking
 
     _defer(deferring_store, "a")
-    with parallel._Uploads(deferring_store) as uploads:
+    with repro.Uploads(deferring_store) as uploads:
         uploads.wake()  # a unit ended and its records came home
         for _ in range(300):  # while the other workers build
             if not tracking.pending(tracking.DEFERRED_DIR):
@@ -433,13 +433,30 @@ def test_records_not_uploaded_while_the_workers_build_wait_for_the_track_stage(d
 
     _defer(deferring_store, "a")
     with pytest.raises(KeyboardInterrupt):  # interrupted before any upload
-        with parallel._Uploads(deferring_store):
+        with repro.Uploads(deferring_store):
             raise KeyboardInterrupt
     assert len(tracking.pending(tracking.DEFERRED_DIR)) == 1
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     lost = TrackingConfig(uri="http://127.0.0.1:9", experiment="uploads", required=True)
-    with parallel._Uploads(lost) as uploads:  # MLflow lost: one warning, and the records stay
+    with repro.Uploads(lost) as uploads:  # MLflow lost: one warning, and the records stay
         uploads.wake()
     assert len(tracking.pending(tracking.DEFERRED_DIR)) == 1
-    assert "the `track` stage uploads the rest" in capsys.readouterr().out
+    assert "they are uploaded (or queued) after it" in capsys.readouterr().err
     assert _runs(deferring_store) == {}
+
+
+def test_a_serial_dvc_repros_records_go_up_as_its_stages_write_them(deferring_store):
+    """`run` without workers: the records go up while DVC builds, looked for every `every`
+    seconds (the `track` stage then leaves them, `INVOCATION_UPLOADS_ENV`)."""
+    import time
+
+    from pipeline import tracking
+
+    with repro.Uploads(deferring_store, every=0.1):
+        _defer(deferring_store, "a")  # a stage ended and wrote its record, nothing woke the thread
+        for _ in range(300):
+            if not tracking.pending(tracking.DEFERRED_DIR):
+                break
+            time.sleep(0.1)
+        assert not tracking.pending(tracking.DEFERRED_DIR)
+    assert _runs(deferring_store) == {"a": os.environ[tracking.PARENT_ENV]}

@@ -14,6 +14,7 @@ from tqdm import tqdm
 from pipeline.config import ConverterMode, IoType, QuantizationConfig
 from pipeline.datasets import Samples
 from pipeline.errors import ConfigError, GateError, PipelineError, first_line
+from pipeline.tensorflow_import import tensorflow
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -51,7 +52,7 @@ def quantize(
     if make_converter is None:
         raise PipelineError("the converter backend needs the model's converter", key=key)
 
-    import tensorflow as tf  # ~3 s to import: only this backend needs it
+    tf = tensorflow()  # ~3 s to import: only this backend needs it
 
     converter = make_converter()
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
