@@ -187,50 +187,39 @@ def test_a_missing_source_fails_before_dvc_naming_the_conf_file(project):
 
 
 def test_an_interrupted_run_ends_its_parent_run_killed_and_exits_130(project):
+    # A setting no earlier run used: the convert stage must really run (not be restored from DVC's run-cache).
+    _interrupt(project, "model.tiny.evaluation.num_samples=7", at="Running stage 'convert@", name="interrupted",
+               wait=1)
+
+
+def test_a_run_interrupted_while_the_shared_stages_build_ends_its_parent_run_killed(project):
+    """The shared stages (here a generated dataset) build while MLflow opens the parent run in a
+    thread: interrupted then, the run waits for it and ends it KILLED."""
+    _interrupt(project, "generator.tiny_evaluation.seed=77", at="Running stage 'generate@tiny_evaluation'",
+               name="interrupted-early")
+
+
+def _interrupt(project, override: str, at: str, name: str, wait: float = 0) -> None:
+    """A `run` with `override` gets a SIGTERM `wait` seconds after DVC prints `at` (a stage it
+    starts): it exits 130 with one line, and its MLflow parent run ends KILLED."""
     import signal
     import time
 
     from mlflow import MlflowClient
 
-    # A setting no earlier run used: the convert stage must really run (not be restored from DVC's run-cache).
-    overrides = [o for o in OVERRIDES if not o.startswith("tracking.")] + ["model.tiny.evaluation.num_samples=7"]
-    process = subprocess.Popen(["litert-pipeline", "run", *overrides, "--name", "interrupted"], cwd=project,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, **ENV, "PATH": f"{os.path.dirname(os.sys.executable)}:{os.environ['PATH']}"})
-    for line in process.stdout:  # DVC prints each stage it starts (the datasets' before the parent run opens)
-        if "Running stage 'convert@" in line:
-            break
-    time.sleep(1)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stderr[-2000:]
-    assert stderr.strip().splitlines()[-1] == "error: interrupted"
-    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("litert-pipeline")
-    (run,) = client.search_runs([experiment.experiment_id], "attributes.run_name = 'interrupted'")
-    assert run.info.status == "KILLED"
-
-
-
-def test_a_run_interrupted_while_the_shared_stages_build_ends_its_parent_run_killed(project):
-    """With workers, the shared stages (here a generated dataset) build while MLflow opens the
-    parent run in a thread: interrupted then, the run waits for it and ends it KILLED."""
-    import signal
-
-    from mlflow import MlflowClient
-
-    overrides = [o for o in OVERRIDES if not o.startswith("tracking.")] + ["generator.tiny_evaluation.seed=77"]
-    process = subprocess.Popen(["litert-pipeline", "run", *overrides, "--name", "interrupted-early"], cwd=project,
+    overrides = [o for o in OVERRIDES if not o.startswith("tracking.")] + [override]
+    process = subprocess.Popen(["litert-pipeline", "run", *overrides, "--name", name], cwd=project,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, **ENV, "PATH": f"{os.path.dirname(os.sys.executable)}:{os.environ['PATH']}"})
     for line in process.stdout:
-        if "Running stage 'generate@tiny_evaluation'" in line:
+        if at in line:
             break
+    time.sleep(wait)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr[-2000:]
     assert stderr.strip().splitlines()[-1] == "error: interrupted"
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("litert-pipeline")
-    (run,) = client.search_runs([experiment.experiment_id], "attributes.run_name = 'interrupted-early'")
+    (run,) = client.search_runs([experiment.experiment_id], f"attributes.run_name = '{name}'")
     assert run.info.status == "KILLED"
