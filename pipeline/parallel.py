@@ -109,7 +109,7 @@ class Unit:
     name: str
     stages: list[str]
     after: set[str] = dataclasses.field(default_factory=set)  # units that must be built first
-    rank: int = 0  # cost of the longest chain from its start to the end (STAGE_COST): the longest goes first
+    rank: int = 0  # cost of the longest chain from its start to the end (STAGE_COST): longest first, after `leads`
     # The stages before a model's builds, when the model goes in pieces: they go before any
     # whole model, so its builds are ready to fill the workers as the whole models end.
     leads: bool = False
@@ -251,7 +251,7 @@ def reproduce(cfg: PipelineConfig, jobs: int, stale: set[str], shared: repro.Rep
             graph = repro.stage_graph()  # (if its outputs came out the same, the worker's DVC finds it up to date)
     units = plan(affected_stages(cfg, graph, stale), graph, cfg, jobs)
     if not _any_independent(units):  # one unit, or each waiting for the one before: nothing to share
-        return repro.reproduce(verbose=verbose)
+        return repro.reproduce(verbose=verbose, uploading=cfg.tracking)
     engine: _Engine = _Ray(cfg.parallel.ray_address, jobs) if cfg.parallel.engine is ParallelEngine.ray else _Threads()
     cores = os.cpu_count() or 1
     if isinstance(engine, _Threads) and min(jobs, len(units)) > cores:
@@ -268,7 +268,7 @@ def reproduce(cfg: PipelineConfig, jobs: int, stale: set[str], shared: repro.Rep
             raise OutputError(problem, file=str(WORKERS)) from None
         # One worker only saves DVC's whole-lock rewrites: a serial run builds here instead.
         print(f"warning: {problem} ({WORKERS}); building here", file=sys.stderr)
-        return repro.reproduce(verbose=verbose)
+        return repro.reproduce(verbose=verbose, uploading=cfg.tracking)
     try:
         outcomes = WORKERS / "outcomes"
         outcomes.mkdir()

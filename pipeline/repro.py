@@ -494,13 +494,12 @@ class Uploads:
             finishing = self.done.is_set()  # the last records came home before `done` was set
             try:
                 tracking.sync(self.tracking, self.parent, folder=tracking.DEFERRED_DIR, stop=self.stop)
-            except Exception as exc:  # noqa: BLE001 - whatever it is, `track` meets it again and reports it
+            except Exception as exc:  # noqa: BLE001 - whatever it is, the upload after DVC meets it again and reports it
                 tqdm.write(f"warning: uploading records while DVC builds stopped: {first_line(exc)}; "
                            "they are uploaded (or queued) after it", file=sys.stderr)
                 return
             if finishing:
                 return
-
 
 
 def first_left(left: set[str], graph: dict[str, set[str]]) -> set[str]:
