@@ -56,12 +56,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:  # the shared stages (datasets, example models) build while MLflow opens the parent run
         invocation, shared = parallel.start_sharing(cfg, args.name, "repro", stale, verbose=args.verbose)
     with repro.ended_on_failure(invocation):
-        if workers:
-            result = parallel.reproduce(cfg, args.jobs, stale, shared, verbose=args.verbose)
-        elif shared is not None and shared.code != EXIT_OK:
-            result = shared
-        else:
-            result = repro.reproduce(*args.targets, verbose=args.verbose, uploading=cfg.tracking)
+        result = parallel.build_rest(cfg, args.jobs, workers, stale, shared, *args.targets, verbose=args.verbose)
         repro.upload_deferred(invocation)
     repro.finish(invocation, succeeded=result.code == 0)  # with the report stages' comparison of the variants
     return _summarized(cfg, result)

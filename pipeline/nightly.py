@@ -161,12 +161,7 @@ def run_nightly(overrides: list[str], conf_dir: str, name: str, *, verbose: bool
     invocation, shared = parallel.start_sharing(cfg, name, "nightly", stale, verbose=verbose)
     with repro.ended_on_failure(invocation):
         # --keep-going: every build gets a verdict, not just the first failure
-        if workers:
-            reproduced = parallel.reproduce(cfg, jobs, stale, shared, verbose=verbose)
-        elif shared is not None and shared.code != EXIT_OK:
-            reproduced = shared
-        else:
-            reproduced = repro.reproduce(verbose=verbose, uploading=cfg.tracking)
+        reproduced = parallel.build_rest(cfg, jobs, workers, stale, shared, verbose=verbose)
         return _nightly(invocation, name, started, reproduced)
 
 

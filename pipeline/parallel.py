@@ -110,9 +110,11 @@ class Unit:
     stages: list[str]
     after: set[str] = dataclasses.field(default_factory=set)  # units that must be built first
     rank: int = 0  # cost of the longest chain from its start to the end (STAGE_COST): longest first, after `leads`
-    # The stages before a model's builds, when the model goes in pieces: they go before any
-    # whole model, so its builds are ready to fill the workers as the whole models end.
-    leads: bool = False
+    @property
+    def leads(self) -> bool:
+        """The stages before a model's builds, when the model goes in pieces: they go before any
+        whole model, so its builds are ready to fill the workers as the whole models end."""
+        return self.name.startswith("before:")
 
     def start_order(self) -> tuple:
         return not self.leads, -self.rank, self.name
@@ -152,7 +154,6 @@ def plan(stages: Iterable[str], graph: dict[str, set[str]], cfg: PipelineConfig,
     for unit in units.values():
         upstream = set().union(*(repro.ancestors(graph, stage) for stage in unit.stages))
         unit.after = {unit_of[stage] for stage in upstream if stage in unit_of} - {unit.name}
-        unit.leads = unit.name.startswith("before:")
     below = {name: {other.name for other in units.values() if name in other.after} for name in units}
 
     def rank(name: str) -> int:
@@ -226,18 +227,26 @@ def start_sharing(cfg: PipelineConfig, name: str, kind: str, stale: set[str],
     return repro.start_while(cfg, name, kind, lambda: repro.reproduce(*shared, verbose=verbose) if shared else None)
 
 
+def build_rest(cfg: PipelineConfig, jobs: int, workers: bool, stale: set[str], shared: repro.Reproduced | None,
+               *targets: str, verbose: bool = False) -> repro.Reproduced:
+    """After `start_sharing` (`stale`: what `dvc status` said before it, `shared`: what it
+    returned): the rest, in workers (`reproduce`) or in a plain `dvc repro` here, uploading to
+    MLflow while DVC builds. A failed shared stage ends it, as `--keep-going` cannot build on it."""
+    if shared is not None and shared.code != EXIT_OK:
+        return shared
+    if workers:
+        return reproduce(cfg, jobs, stale, verbose=verbose)
+    return repro.reproduce(*targets, verbose=verbose, uploading=cfg.tracking)
+
+
 def _shared(stale: set[str]) -> list[str]:
     return sorted(stage for stage in stale if stage.partition("@")[0] in SHARED_STAGES)
 
 
-def reproduce(cfg: PipelineConfig, jobs: int, stale: set[str], shared: repro.Reproduced | None, *,
-              verbose: bool = False) -> repro.Reproduced:
-    """After `start_sharing` (`stale`: what `dvc status` said before it, `shared`: what it
-    returned), `dvc repro --keep-going` of the rest with up to `jobs` units at once; it ends as
-    `repro.reproduce` does."""
+def reproduce(cfg: PipelineConfig, jobs: int, stale: set[str], *, verbose: bool = False) -> repro.Reproduced:
+    """`dvc repro --keep-going` of what `start_sharing` left (`stale`: what `dvc status` said
+    before it) with up to `jobs` units at once; it ends as `repro.reproduce` does."""
     check_parallel_safe(cfg)
-    if shared is not None and shared.code != EXIT_OK:
-        return shared
     if not stale:  # `dvc status` found every stage up to date: `dvc repro` would do nothing
         print("Nothing to build: every stage is up to date (dvc status).")
         return repro.Reproduced(EXIT_OK)
