@@ -94,3 +94,19 @@ def test_a_quantized_classifier_passes_though_runtimes_differ(rgb_classifier):
     client = _check(dynamic, RGB, (16, 16, 3))
     assert client["status"] == "passed" and client["top1_agreement"] == 1.0, client
     assert 0.95 <= client["min_score_cosine"] <= 1.0 and client["same_top1"] <= 16
+
+
+def test_mediapipe_loads_without_tensorflow_and_matplotlib_which_stay_importable():
+    """Held off while MediaPipe loads (8.7 s and 0.8 s of a validate stage), real afterwards."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    code = ("import sys\n"
+            "from pipeline.validate.clients import _import_mediapipe\n"
+            "_import_mediapipe()\n"
+            "assert 'tensorflow' not in sys.modules and 'matplotlib' not in sys.modules, 'imported'\n"
+            "import matplotlib.pyplot\n"
+            "assert callable(matplotlib.pyplot.figure)\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

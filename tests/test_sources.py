@@ -67,6 +67,29 @@ def test_formats_convert_and_match_keras(sources, fmt, file, path_name):
     assert {op["name"] for op in result.report["ops"]["used"]} >= {"CONV_2D", "FULLY_CONNECTED"}
 
 
+def test_converter_is_handed_the_loaded_saved_model_and_converts_the_same_bytes(sources, monkeypatch):
+    import contextlib
+
+    from tensorflow.lite.python import lite
+
+    from pipeline import sources as sources_module
+
+    root, _ = sources
+    cfg = model_config(SourceFormat.saved_model, root / "saved_model")
+    original = lite._load
+    loads = []
+    monkeypatch.setattr(lite, "_load", lambda *args, **kwargs: loads.append(args) or original(*args, **kwargs))
+    with monkeypatch.context() as plain:
+        plain.setattr(sources_module, "_handing_over", lambda loaded, path: contextlib.nullcontext())
+        expected = convert_float(load_source(cfg, "m"), cfg, "m").model
+    assert len(loads) == 2  # what TF Lite does alone: from_saved_model loads, then convert() again
+    loads.clear()
+    assert convert_float(load_source(cfg, "m"), cfg, "m").model == expected
+    assert loads == []  # handed over instead
+    lite._load(str(root / "saved_model"), {"serve"})  # and TF Lite's loader is its own again afterwards
+    assert len(loads) == 1
+
+
 def test_concrete_function_factory(sources, tmp_path):
     root, keras_model = sources
     weights = tmp_path / "tiny.weights.h5"

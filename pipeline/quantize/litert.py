@@ -211,9 +211,16 @@ def _run_calibration(float_model: bytes, samples: Samples, recipe: Recipe, *, ke
     # Every recipe gets the range of every sample, as TFLiteConverter calibrates; the
     # algorithms' own statistics (GPTQ's Hessian, OSCAR's moments) merge as they define.
     manager = _recipe_manager(recipe)
+    # For min/max the interpreter's own profiler can track each tensor's range as it runs,
+    # where the default mode keeps every tensor and reduces each in Python, after checking the
+    # recipe again per op and sample: 1.4 s instead of 4.6 s for MobileNetV2's 100 samples
+    # here, and the same quantized model (tested). The other algorithms need the tensors.
+    profiled = _is_static_min_max(recipe)
+    mode = (calibrator.CalibrationMode.CALIBRATION_PROFILER_BASED if profiled
+            else calibrator.CalibrationMode.CALIBRATION_PRESERVE_ALL_TENSORS)
     index = 0
     try:
-        model_calibrator = calibrator.Calibrator(float_model, qsv_update_func=full_range_update)
+        model_calibrator = calibrator.Calibrator(float_model, qsv_update_func=full_range_update, mode=mode)
         for index in tqdm(range(len(samples)), desc="calibrating", unit="sample"):
             model_calibrator.calibrate({signature: [samples.sample(index)] for signature in signatures}, manager)
     except Exception as exc:  # interpreter errors (shape mismatch...) come as RuntimeError/ValueError
@@ -222,8 +229,25 @@ def _run_calibration(float_model: bytes, samples: Samples, recipe: Recipe, *, ke
             raise RejectedSample(f"calibration sample {index} (of the {len(samples)} drawn) does not run through the "
                                  f"float model: {rejected}") from None
         neither = "; the float model itself runs none of the samples tried (the model, or all of the data)" if rejected else ""
-        raise GateError(f"LiteRT Quantizer calibration failed: {_describe(exc)}{neither}", key=key) from exc
-    return model_calibrator.get_model_qsvs()
+        # The plain interpreter's words, when it fails too: the profiler's wrap them in its own.
+        raise GateError(f"LiteRT Quantizer calibration failed: {rejected or _describe(exc)}{neither}", key=key) from exc
+    qsvs = model_calibrator.get_model_qsvs()
+    return _as_tensor_ranges(float_model, qsvs) if profiled else qsvs
+
+
+def _as_tensor_ranges(float_model: bytes, qsvs: dict[str, Any]) -> dict[str, Any]:
+    """The profiler's ranges shaped as the tensor-keeping mode reports them: float32, one
+    element per tensor dimension. The quantizer derives scales from them in their own dtype,
+    so float64 ranges round to other scales (other bytes, for the same ranges)."""
+    interpreter = Interpreter(model_content=float_model)
+    ranks = {}
+    for index in range(interpreter.num_subgraphs()):
+        for tensor in interpreter.get_tensor_details(index):
+            ranks.setdefault(tensor["name"], len(tensor["shape"]))
+    return {
+        name: {stat: np.asarray(value, dtype=np.float32).reshape((1,) * ranks.get(name, 1)) for stat, value in qsv.items()}
+        for name, qsv in qsvs.items()
+    }
 
 
 def _runs_some_sample(float_model: bytes, samples: Samples, signatures: list[str], failed: int) -> bool:
