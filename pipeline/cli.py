@@ -43,18 +43,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.jobs > 1 and args.targets:
         raise ConfigError("-j builds whatever is out of date: it cannot be combined with --target", key="--jobs")
-    cfg = repro.compose_checked(args.overrides, args.conf)
+    if args.targets:
+        cfg, stale = repro.compose_checked(args.overrides, args.conf), None
+    else:  # dvc status asked before MLflow (its import alone takes 2.4-4.7 s); the workers reuse it
+        cfg, stale = repro.compose_with_status(args.overrides, args.conf)
     workers = not args.targets and parallel.through_workers(cfg, args.jobs)
-    stale = None
-    if not args.targets:  # asked before MLflow (its import alone takes 2.4-4.7 s); the workers reuse it
-        stale = repro.stale_stages()
+    if stale is not None:
         if not stale and repro.nothing_to_upload():
             print("Nothing to build: every stage is up to date (dvc status); no MLflow run opened.")
             return _summarized(cfg, repro.Reproduced(EXIT_OK))
     if args.targets:
-        invocation, shared = repro.start(cfg, args.name, kind="repro"), None
+        invocation, shared = repro.start(cfg, args.name, kind="repro"), parallel.Shared(None, None)
     else:  # the shared stages (datasets, example models) build while MLflow opens the parent run
-        invocation, shared = parallel.start_sharing(cfg, args.name, "repro", stale, verbose=args.verbose)
+        invocation, shared = parallel.start_sharing(cfg, args.name, "repro", stale, workers, verbose=args.verbose)
     with repro.ended_on_failure(invocation):
         result = parallel.build_rest(cfg, args.jobs, workers, stale, shared, *args.targets, verbose=args.verbose)
         repro.upload_deferred(invocation)

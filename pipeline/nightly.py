@@ -154,11 +154,10 @@ def _cell(value: Any) -> str:
 
 def run_nightly(overrides: list[str], conf_dir: str, name: str, *, verbose: bool = False, jobs: int = 1) -> int:
     started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    cfg = repro.compose_checked(overrides, conf_dir)
+    cfg, stale = repro.compose_with_status(overrides, conf_dir)
     workers = parallel.through_workers(cfg, jobs)
-    stale = repro.stale_stages()
     # The shared stages (datasets, example models) build while MLflow opens the parent run.
-    invocation, shared = parallel.start_sharing(cfg, name, "nightly", stale, verbose=verbose)
+    invocation, shared = parallel.start_sharing(cfg, name, "nightly", stale, workers, verbose=verbose)
     with repro.ended_on_failure(invocation):
         # --keep-going: every build gets a verdict, not just the first failure
         reproduced = parallel.build_rest(cfg, jobs, workers, stale, shared, verbose=verbose)

@@ -54,16 +54,16 @@ import socket
 import subprocess
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 import yaml
 from tqdm import tqdm
 
 from pipeline import layout, repro, tracking
 from pipeline.config import ParallelEngine, PipelineConfig, is_ray_address, safe_loader
-from pipeline.errors import EXIT_OK, OUTCOMES_ENV, BusyError, ConfigError, OutputError, first_line
+from pipeline.errors import EXIT_OK, OUTCOMES_ENV, BusyError, ConfigError, InputError, OutputError, first_line
 from pipeline.io import atomic_path, write_text
 
 # Stages of no one model: they run first, here, so no two workers build them.
@@ -217,35 +217,56 @@ def _check_engine(cfg: PipelineConfig) -> None:
         _check_ray(cfg.parallel.ray_address)
 
 
-def start_sharing(cfg: PipelineConfig, name: str, kind: str, stale: set[str],
-                  verbose: bool = False) -> tuple[repro.Invocation, repro.Reproduced | None]:
+class Shared(NamedTuple):
+    """What `start_sharing` leaves for `build_rest`."""
+
+    reproduced: repro.Reproduced | None  # how the shared stages' `dvc repro` ended (None: none was out of date)
+    graph: Future | None  # `dvc dag`, asked meanwhile for the workers (None: no workers)
+
+
+def start_sharing(cfg: PipelineConfig, name: str, kind: str, stale: set[str], workers: bool,
+                  verbose: bool = False) -> tuple[repro.Invocation, Shared]:
     """The invocation's parent run opens (`repro.start`) while the stages every model shares
     (datasets, example models: what every worker reads) build here, once: they log nothing.
-    Returns the invocation and how their `dvc repro` ended (None: none was out of date); then
-    `reproduce` builds the rest in workers, or a plain `dvc repro` here."""
+    The workers' stage graph is asked meanwhile too (the shared stages change no stage). Then
+    `build_rest` builds the rest, in workers or in a plain `dvc repro` here."""
     shared = _shared(stale)
-    return repro.start_while(cfg, name, kind, lambda: repro.reproduce(*shared, verbose=verbose) if shared else None)
+    graph = repro.stage_graph_soon() if workers and stale else None
+    invocation, reproduced = repro.start_while(
+        cfg, name, kind, lambda: repro.reproduce(*shared, verbose=verbose) if shared else None)
+    return invocation, Shared(reproduced, graph)
 
 
-def build_rest(cfg: PipelineConfig, jobs: int, workers: bool, stale: set[str], shared: repro.Reproduced | None,
+def build_rest(cfg: PipelineConfig, jobs: int, workers: bool, stale: set[str], shared: Shared,
                *targets: str, verbose: bool = False) -> repro.Reproduced:
-    """After `start_sharing` (`stale`: what `dvc status` said before it, `shared`: what it
-    returned): the rest, in workers (`reproduce`) or in a plain `dvc repro` here, uploading to
-    MLflow while DVC builds. A failed shared stage ends it, as `--keep-going` cannot build on it."""
-    if shared is not None and shared.code != EXIT_OK:
-        return shared
+    """After `start_sharing` (`stale`: what `dvc status` said before it): the rest, in workers
+    (`reproduce`) or in a plain `dvc repro` here, uploading to MLflow while DVC builds. A failed
+    shared stage ends it, as `--keep-going` cannot build on it."""
+    if shared.reproduced is not None and shared.reproduced.code != EXIT_OK:
+        return shared.reproduced
     if workers:
-        return reproduce(cfg, jobs, stale, verbose=verbose)
+        return reproduce(cfg, jobs, stale, shared.graph, verbose=verbose)
     return repro.reproduce(*targets, verbose=verbose, uploading=cfg.tracking)
+
+
+def _graph(asked: Future | None) -> dict[str, set[str]]:
+    """The stage graph `start_sharing` asked for, else asked now (also if that `dvc dag` failed:
+    it may have read dvc.lock while the shared stages' `dvc repro` rewrote it)."""
+    if asked is not None:
+        with contextlib.suppress(InputError):
+            return asked.result()
+    return repro.stage_graph()
 
 
 def _shared(stale: set[str]) -> list[str]:
     return sorted(stage for stage in stale if stage.partition("@")[0] in SHARED_STAGES)
 
 
-def reproduce(cfg: PipelineConfig, jobs: int, stale: set[str], *, verbose: bool = False) -> repro.Reproduced:
+def reproduce(cfg: PipelineConfig, jobs: int, stale: set[str], asked_graph: Future | None = None, *,
+              verbose: bool = False) -> repro.Reproduced:
     """`dvc repro --keep-going` of what `start_sharing` left (`stale`: what `dvc status` said
-    before it) with up to `jobs` units at once; it ends as `repro.reproduce` does."""
+    before it; `asked_graph`: `dvc dag`, if asked already) with up to `jobs` units at once; it ends as
+    `repro.reproduce` does."""
     check_parallel_safe(cfg)
     if not stale:  # `dvc status` found every stage up to date: `dvc repro` would do nothing
         print("Nothing to build: every stage is up to date (dvc status).")
@@ -254,10 +275,13 @@ def reproduce(cfg: PipelineConfig, jobs: int, stale: set[str], *, verbose: bool 
     # DVC commands at once, each mostly DVC's start-up and its parse of dvc.yaml.
     with ThreadPoolExecutor(1) as pool:
         cache = pool.submit(_cache_dir, Path.cwd())
-        if PARAMS_STAGE in shared_stages:  # which models' params changed shows once their parts are written
-            stale, graph = repro.stale_and_graph()
-        else:  # no second `dvc status`: what follows a stage just built is out of date by the graph
-            graph = repro.stage_graph()  # (if its outputs came out the same, the worker's DVC finds it up to date)
+        graph = _graph(asked_graph)
+        # Which models' params changed shows once their parts are written, unless every stage
+        # after them is out of date already (a first run). Other shared stages need no second
+        # `dvc status`: what follows a stage just built is out of date by the graph (if its
+        # outputs came out the same, the worker's DVC finds it up to date).
+        if PARAMS_STAGE in shared_stages and not repro.descendants(graph, PARAMS_STAGE) <= stale:
+            stale = repro.stale_stages()
     units = plan(affected_stages(cfg, graph, stale), graph, cfg, jobs)
     if not _any_independent(units):  # one unit, or each waiting for the one before: nothing to share
         return repro.reproduce(verbose=verbose, uploading=cfg.tracking)
